@@ -1,0 +1,184 @@
+"""Generation: chunked prefill, then one decode step at a time through the KV cache.
+
+`generate` works on token ids (the public contract); `stream_text` and `complete` sit on top of it for strings,
+streaming and stop strings. Prompts of different lengths share a batch without changing each other's result:
+every row runs at its own positions (see `mixtral.cache`), and sampling uses one random generator per row, so a
+row seeded with s draws what it would draw alone with seed s.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from mixtral.cache import KVCache
+from mixtral.errors import ContextLengthError, InputError
+from mixtral.model import Transformer
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """One token id from the logits [vocab] of one row. temperature 0 is greedy (argmax)."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k must be >= 1, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+@torch.inference_mode()
+def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
+           eos_id: int | None = 2, prefill_chunk: int = 512) -> Iterator[list[int | None]]:
+    """Yield, at each decode step, the new token of every row (None once a row has finished).
+
+    A row finishes after `max_new_tokens` tokens or after producing `eos_id` (which is yielded).
+    Raises InputError for empty prompts, ids outside the vocabulary or bad sampling settings, and
+    ContextLengthError when a prompt plus `max_new_tokens` does not fit the model's context.
+    """
+    config = model.config
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    batch = len(prompts)
+    if batch == 0 or max_new_tokens == 0:
+        return
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise InputError(f"prompt {i} is empty: it needs at least one token (the BOS token)")
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+        if len(p) + max_new_tokens > config.context_len:
+            raise ContextLengthError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
+                                     f"exceeds the model's context of {config.context_len} tokens")
+    seeds = [seed] * batch if seed is None or isinstance(seed, int) else list(seed)
+    generators = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(s) if s is not None else g.seed()
+        generators.append(g)
+
+    device = model.output.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    chunk = min(prefill_chunk, longest)
+    cache = KVCache(config, batch, longest + max_new_tokens, max_chunk=chunk,
+                    dtype=model.output.weight.dtype, device=device)
+    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+
+    # Prefill in chunks; keep the logits of each row's last prompt token.
+    last_logits = torch.empty(batch, config.vocab_size, device=device)
+    for start in range(0, longest, chunk):
+        n_new = (lengths - start).clamp(0, chunk)
+        logits = model(ids[:, start:start + chunk], cache=cache, n_new=n_new, last_only=True)[:, 0]
+        ends_here = (lengths > start) & (lengths <= start + chunk)
+        last_logits[ends_here] = logits[ends_here].float()
+
+    finished = [False] * batch
+    for step in range(max_new_tokens):
+        tokens: list[int | None] = []
+        for i in range(batch):
+            if finished[i]:
+                tokens.append(None)
+                continue
+            token = sample(last_logits[i], temperature, top_k, top_p, generators[i])
+            tokens.append(token)
+            if token == eos_id or step + 1 == max_new_tokens:
+                finished[i] = True
+        yield tokens
+        if all(finished):
+            return
+        step_ids = torch.tensor([[t if t is not None else 0] for t in tokens], device=device)
+        n_new = torch.tensor([0 if f else 1 for f in finished], device=device)
+        last_logits = model(step_ids, cache=cache, n_new=n_new, last_only=True)[:, 0].float()
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+             **kwargs) -> list[list[int]]:
+    """New token ids for each prompt (a list of token-id lists); keyword arguments as in `stream`."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for tokens in stream(model, prompts, max_new_tokens, temperature=temperature, **kwargs):
+        for row, token in zip(out, tokens):
+            if token is not None:
+                row.append(token)
+    return out
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+
+
+def _stop_at(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """(text safe to emit, whether a stop string was found): cut at the first stop string, and hold back any tail
+    that could still grow into one."""
+    cut = _find_stop(text, stops)
+    if cut >= 0:
+        return text[:cut], True
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold], False
+
+
+def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], max_new_tokens: int, *,
+                stop: Sequence[str] = (), **kwargs) -> Iterator[str]:
+    """Yield the continuation of one prompt as text, piece by piece, ending before any of the `stop` strings.
+
+    `prompt` is a string (encoded with BOS) or token ids; keyword arguments as in `stream`.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    decoder = tokenizer.stream()
+    text, emitted = "", 0
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    for (token,) in stream(model, [ids], max_new_tokens, **kwargs):
+        if token == tokenizer.eos_id:
+            break
+        text += decoder.push(token)
+        safe, stopped = _stop_at(text, stop)
+        if len(safe) > emitted:
+            yield safe[emitted:]
+            emitted = len(safe)
+        if stopped:
+            return
+    # The generation ended without a stop string: what was held back is final text.
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def complete(model: Transformer, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+             stop: Sequence[str] = (), **kwargs) -> list[str]:
+    """The text continuations of a batch of string prompts, each cut before the first stop string."""
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    outputs = generate(model, [tokenizer.encode(p) for p in prompts], max_new_tokens, **kwargs)
+    texts = []
+    for ids in outputs:
+        ids = [t for t in ids if t != tokenizer.eos_id]
+        text = tokenizer.decode(ids)
+        cut = _find_stop(text, stop)
+        texts.append(text[:cut] if cut >= 0 else text)
+    return texts

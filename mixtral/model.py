@@ -1,0 +1,140 @@
+"""The Mixtral transformer, in the order data flows through it.
+
+Mistral 7B's architecture (RMSNorm, rotary embeddings, grouped-query attention, optional sliding window) with
+every FFN replaced by the sparse mixture of experts in `mixtral.moe`. Rotary embeddings use the
+"rotate half" convention of the Hugging Face checkpoints; Mistral-native checkpoints are permuted into it on load
+(see `mixtral.io.checkpoint`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixtral.cache import KVCache
+from mixtral.config import ModelConfig
+from mixtral.moe import MoE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, as the reference does: bf16 sums drift.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for absolute `positions` [batch, seq] -> each [batch, 1, seq, head_dim], computed in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions[..., None].float() * inv_freq  # [batch, seq, head_dim / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x [batch, heads, seq, head_dim] by their position's angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [batch, kv_heads, slots, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.moe = MoE(config.dim, config.hidden_dim, config.n_experts, config.top_k)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+        return x + self.moe(self.ffn_norm(x))
+
+
+def causal_mask(seq: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[seq, seq] boolean mask for a full forward pass; None when plain causal attention will do."""
+    if window is None or window >= seq:
+        return None
+    pos = torch.arange(seq, device=device)
+    offset = pos[:, None] - pos[None, :]
+    return (offset >= 0) & (offset < window)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for `input_ids` [batch, seq].
+
+        Without `cache`: the whole sequences from position 0, logits [batch, seq, vocab].
+        With `cache`: the next `seq` tokens of each row after what the cache holds; `n_new[b]` of them are real
+        (the rest padding, default all). `last_only` returns only the logits of each row's last real token,
+        [batch, 1, vocab], skipping the output projection of the others.
+        """
+        batch, seq = input_ids.shape
+        if cache is None:
+            positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+            mask = causal_mask(seq, self.config.sliding_window, input_ids.device)
+        else:
+            positions, mask = cache.advance(seq, n_new)
+        h = self.tok_embeddings(input_ids)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, i)
+        if last_only:
+            last = (n_new - 1) if n_new is not None else torch.full((batch,), seq - 1, device=h.device)
+            h = h[torch.arange(batch, device=h.device), last][:, None]
+        return self.output(self.norm(h))
+
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "Transformer":
+        """Random weights (normal, std 0.02; norms at 1) for presets without a checkpoint."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+        return self
