@@ -165,7 +165,11 @@ def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], max_
             emitted = len(safe)
         if stopped:
             return
-    # The generation ended without a stop string: what was held back is final text.
+    # The generation ended without a stop string: what was held back (an incomplete character, the start of a
+    # stop string) is final text.
+    text += decoder.flush()
+    safe, stopped = _stop_at(text, stop)
+    text = safe if stopped else text
     if len(text) > emitted:
         yield text[emitted:]
 

@@ -83,3 +83,16 @@ def test_errors(model, kwargs, error, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=10) | kwargs
     with pytest.raises(error, match=message):
         mixtral.generate(model, **args)
+
+
+def test_stream_text_pieces_join_to_complete_and_respect_stop():
+    tokenizer = mixtral.load_tokenizer()
+    model = mixtral.load("tiny")
+    prompt = "The experts of a mixture"
+    full = mixtral.complete(model, tokenizer, [prompt], 24, eos_id=None)[0]
+    pieces = list(mixtral.stream_text(model, tokenizer, prompt, 24, eos_id=None))
+    assert "".join(pieces) == full and len(pieces) > 1
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = full[: full.find(stop)]
+    assert "".join(mixtral.stream_text(model, tokenizer, prompt, 24, eos_id=None, stop=[stop])) == cut
+    assert mixtral.complete(model, tokenizer, [prompt], 24, eos_id=None, stop=[stop]) == [cut]
