@@ -21,7 +21,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """One token id from the logits [vocab] of one row. temperature 0 is greedy (argmax)."""
     if temperature <= 0.0:
         return int(torch.argmax(logits))
-    logits = logits.float() / temperature
+    # Sample on the CPU: the per-row generators live there, and one row of logits is small.
+    logits = logits.float().cpu() / temperature
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -156,7 +157,7 @@ def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], max_
     text, emitted = "", 0
     kwargs.setdefault("eos_id", tokenizer.eos_id)
     for (token,) in stream(model, [ids], max_new_tokens, **kwargs):
-        if token == tokenizer.eos_id:
+        if token == kwargs["eos_id"]:
             break
         text += decoder.push(token)
         safe, stopped = _stop_at(text, stop)
@@ -174,14 +175,17 @@ def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], max_
         yield text[emitted:]
 
 
-def complete(model: Transformer, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+def complete(model: Transformer, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, *,
              stop: Sequence[str] = (), **kwargs) -> list[str]:
-    """The text continuations of a batch of string prompts, each cut before the first stop string."""
+    """The text continuations of a batch of prompts (strings, encoded with BOS, or token ids), each cut before the
+    first stop string."""
     kwargs.setdefault("eos_id", tokenizer.eos_id)
-    outputs = generate(model, [tokenizer.encode(p) for p in prompts], max_new_tokens, **kwargs)
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    outputs = generate(model, ids, max_new_tokens, **kwargs)
     texts = []
     for ids in outputs:
-        ids = [t for t in ids if t != tokenizer.eos_id]
+        if ids and ids[-1] == kwargs["eos_id"]:
+            ids = ids[:-1]
         text = tokenizer.decode(ids)
         cut = _find_stop(text, stop)
         texts.append(text[:cut] if cut >= 0 else text)

@@ -46,8 +46,15 @@ class SafetensorsReader:
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
         self._file = open(path, "rb")
+        try:
+            self._parse_header(path.stat().st_size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse_header(self, size: int) -> None:
+        path = self.path
         prefix = self._file.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if header_len < 0 or 8 + header_len > size:
@@ -59,15 +66,21 @@ class SafetensorsReader:
         header.pop("__metadata__", None)
         self._data_start = 8 + header_len
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: safetensors header is not a JSON object")
         for name, info in header.items():
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            start, end = info["data_offsets"]
+            try:
+                start, end = (int(o) for o in info["data_offsets"])
+                shape = tuple(int(n) for n in info["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
             if self._data_start + end > size:
                 raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {self._data_start + end} "
                                       f"but the file has {size} bytes")
-            self.entries[name] = (dtype, tuple(info["shape"]), start, end)
+            self.entries[name] = (dtype, shape, start, end)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -285,8 +298,10 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     tensor for missing, unexpected, misshapen or truncated tensors; ConfigError for a bad config file.
     """
     files = find_checkpoint(path)
-    readers = [_open(w) for w in files.weights]
+    readers = []
     try:
+        for w in files.weights:
+            readers.append(_open(w))
         where = {}  # key -> reader
         for reader in readers:
             for key in reader.keys():

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mixtral.config import PRESETS, from_name
-from mixtral.errors import CheckpointError
+from mixtral.errors import CheckpointError, InputError
 from mixtral.io.checkpoint import load_checkpoint
 from mixtral.model import Transformer
 
@@ -23,7 +23,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

@@ -1,0 +1,4 @@
+from mixtral.cli import main
+import sys
+
+sys.exit(main())
