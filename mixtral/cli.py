@@ -229,13 +229,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  args.max_new_tokens, **kwargs))
         print()
         return 0
-    if args.chat:
-        # `complete` encodes plain strings only; chat prompts are token ids, so they go one by one (the same text
-        # as a batch: rows of a batch do not affect each other).
-        texts = ["".join(stream_text(model, tokenizer, encode_prompt(tokenizer, p, True), args.max_new_tokens,
-                                     **kwargs)) for p in prompts]
-    else:
-        texts = complete(model, tokenizer, prompts, args.max_new_tokens, **kwargs)
+    texts = complete(model, tokenizer, [encode_prompt(tokenizer, p, args.chat) for p in prompts],
+                     args.max_new_tokens, **kwargs)
     if len(prompts) == 1:
         print(texts[0])
         return 0
