@@ -29,10 +29,18 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return torch.softmax(top_logits, dim=-1), experts
 
 
-def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x · wᵀ for one expert's weight: a plain tensor [out, in], or a quantized weight (see `mixtral.quant`) that
+    brings its own kernel as `w.linear(x)`."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    return w.linear(x)
+
+
+def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
     """One expert: w2 · (silu(w1 · x) * (w3 · x)), with w1 and w3 stacked in w13. x: [n, dim]."""
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    gate, up = linear(x, w13).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w2)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
