@@ -50,7 +50,7 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     x: [tokens, dim]; weights, experts: [tokens, top_k]. Returns [tokens, dim] in x's dtype.
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(w13.shape[0]):
+    for e in range(len(w13)):
         token, slot = torch.where(experts == e)
         if token.numel() == 0:
             continue
@@ -70,7 +70,7 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     flat_experts = experts.reshape(-1)
     order = torch.argsort(flat_experts, stable=True)
     token_of = order // top_k  # which token each sorted assignment belongs to
-    counts = torch.bincount(flat_experts, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_experts, minlength=len(w13)).tolist()
     xs = x[token_of]  # [tokens * top_k, dim], grouped by expert
     ys = torch.empty_like(xs)
     start = 0
