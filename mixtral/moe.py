@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral import kernels
+
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token and their gate weights.
@@ -33,7 +35,7 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     """x · wᵀ for one expert's weight: a plain tensor [out, in], or a quantized weight (see `mixtral.quant`) that
     brings its own kernel as `w.linear(x)`."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
+        return kernels.matmul(x, w)
     return w.linear(x)
 
 
