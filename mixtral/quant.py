@@ -1,0 +1,621 @@
+"""Weight-only int8 and int4 quantization: swap a model's matrices for quantized ones, in place (gpt-fast style).
+
+What is quantized (`targets`): "experts" (each MoE's w13/w2), "attention" (wq, wk, wv, wo), "output" (the LM head).
+Never the router (PITFALLS 7: a quantized gate changes which experts run), the embeddings or the norms.
+
+    int8: symmetric, one scale per output channel        w[o, k] = q[o, k] · scale[o]                 q in [-127, 127]
+    int4: asymmetric (min-max), one scale and one zero    w[o, k] = (q[o, k] - 8) · scale[o, g] + zero[o, g]   q in [0, 15]
+          per group of `group_size` inputs, g = k // group_size (the convention of torch's int4 CPU kernel)
+
+Kernels (CPU): `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`, both run in bfloat16 whatever
+the model's dtype: their float32 paths are scalar loops, 10-50x slower (measured, torch 2.13 on AVX512), so x is
+cast to bf16 for the product and the result cast back to x's dtype. Scales and zeros are rounded to bf16 *before*
+the integers are computed, so the kernel multiplies by exactly the stored values. Anything the kernels do not take
+(another device; int8 with in_features % 16 != 0, where the kernel crashes) dequantizes and calls F.linear,
+logged once per reason.
+
+In memory, int8 weights are kept as they are stored; int4 weights in the kernel's packed layout, which is opaque
+and depends on the torch version and CPU (AVX512 vs AVX2 blocks). Files always hold the portable form below, and
+the packing is redone on load; the unpacking for saving is checked against the kernel's own packing of a probe.
+
+Quantized checkpoint (`save_quantized`, read back by `mixtral.load`): a directory with
+- config.json: the Hugging Face config (`mixtral.config.to_hf_dict`) plus
+  "quantization_config": {"quant_method": "mixtral", "mode", "group_size", "targets", "format_version": 1}.
+  transformers reads the config and, not knowing quant_method "mixtral", says so instead of guessing.
+- model.safetensors: unquantized tensors under the model's own state-dict names (`tok_embeddings.weight`,
+  `layers.0.moe.router.weight`, ...) in the model's dtype, and for each quantized matrix at module path P
+  (`layers.0.attention.wq`, `output`, `layers.0.moe.w13` with a leading [n_experts] dimension, ...):
+    int8: P.qweight int8 [..., out, in], P.scales bf16 [..., out]
+    int4: P.qweight uint8 [..., out, in / 2] (two q per byte: column 2j in the low nibble, 2j + 1 in the high),
+          P.scales and P.zeros bf16 [..., out, in / group_size]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixtral.config import from_hf_dict, read_json, to_hf_dict
+from mixtral.errors import CheckpointError, InputError
+from mixtral.model import Transformer
+from mixtral.moe import MoE
+
+log = logging.getLogger("mixtral")
+
+MODES = ("int8", "int4")
+TARGETS = ("experts", "attention", "output")
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
+FORMAT_VERSION = 1
+KERNEL_DTYPE = torch.bfloat16
+# At this many rows and more, dequantizing the weight once and running torch's bf16 GEMM beats the int kernels,
+# whose time grows linearly with the rows (benchmarks/quant_accuracy.py --kernels measures the crossover).
+DEQUANTIZE_ROWS = 128
+
+_BF16_TINY = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group: any nonzero value works
+_ATTENTION = ("wq", "wk", "wv", "wo")
+
+
+def _fallback(reason: str) -> None:
+    """Log once per reason that a product goes through the dequantized reference instead of a kernel."""
+    if reason not in _reported:
+        _reported.add(reason)
+        log.warning("quantized linear: %s; dequantizing and using F.linear (correct, slower)", reason)
+
+
+_reported: set[str] = set()
+
+
+# ---- one matrix: quantize, dequantize (the portable form) -----------------------------------------------------
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scales bfloat16 [out]) with w ≈ q · scales[:, None]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=-1) / 127).clamp(min=_BF16_TINY).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(dtype) * scales.to(dtype)[..., None]).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q uint8 [out, in] in 0..15, scales, zeros bfloat16 [out, in / group_size]).
+
+    Min-max per group: q = 0 is the group's minimum and q = 15 its maximum, w ≈ (q - 8) · scale + zero.
+    """
+    out_features, in_features = w.shape
+    groups = w.float().view(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=_BF16_TINY).to(torch.bfloat16)
+    zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+    minimum = zeros.float() - 8 * scales.float()  # what q = 0 means after rounding scale and zero to bf16
+    q = torch.round((groups - minimum[..., None]) / scales.float()[..., None]).clamp_(0, 15)
+    return q.to(torch.uint8).view(out_features, in_features), scales, zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [..., out, in] uint8 0..15, scales/zeros [..., out, groups] -> w [..., out, in]."""
+    *lead, in_features = q.shape
+    groups = scales.shape[-1]
+    w = (q.view(*lead, groups, in_features // groups).float() - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.view(*lead, in_features).to(dtype)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n] of values 0..15 -> uint8 [..., n / 2]: element 2j in the low nibble, 2j + 1 in the high."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+# ---- torch's int4 CPU layout -----------------------------------------------------------------------------------
+
+def _pad_rows(n: int) -> int:
+    return -n % 16  # the int4 CPU kernel packs output channels in blocks of 16
+
+
+def to_int4_kernel(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable (q [out, in], scales/zeros [out, groups]) -> the CPU kernel's (packed weight, scales_and_zeros).
+
+    Output channels are padded with zero rows to a multiple of 16. scales_and_zeros: [groups, out, 2] bfloat16.
+    """
+    pad = _pad_rows(q.shape[0])
+    packed = torch._convert_weight_to_int4pack_for_cpu(F.pad(q.to(torch.int32), (0, 0, 0, pad)), 1)
+    scales_and_zeros = torch.stack([F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))], dim=-1)
+    return packed, scales_and_zeros.transpose(0, 1).contiguous()
+
+
+def _unpack_blocked(packed: torch.Tensor, n: int, block: int, halves: bool) -> torch.Tensor:
+    """One candidate inverse of the CPU packing: output channels in blocks of `block`, each block stored k-major
+    with two channels per byte: (j, j + block/2) in the low/high nibble when `halves`, else (2j, 2j + 1); a
+    last partial block always pairs neighbours."""
+    k = packed.numel() * 2 // n
+    flat = packed.reshape(-1)
+    full, tail = divmod(n, block)
+    parts = []
+    if full:
+        b = flat[: full * block * k // 2].view(full, k, block // 2)
+        rows = torch.cat([b & 15, b >> 4], dim=2) if halves else torch.stack([b & 15, b >> 4], dim=3)
+        parts.append(rows.reshape(full, k, block).transpose(1, 2).reshape(full * block, k))
+    if tail:
+        b = flat[full * block * k // 2:].view(k, tail // 2)
+        parts.append(torch.stack([b & 15, b >> 4], dim=2).reshape(k, tail).T)
+    return torch.cat(parts)
+
+
+_LAYOUTS = {"avx512": (64, True), "avx2": (32, True), "scalar": (32, False)}  # from aten's int4mm_kernel.cpp
+
+
+@lru_cache(maxsize=1)
+def _kernel_layout() -> str | None:
+    """Which known layout torch's int4 packing uses on this machine, found by packing a probe (None: unknown)."""
+    probe = torch.randint(0, 16, (144, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for name, (block, halves) in _LAYOUTS.items():
+        if torch.equal(_unpack_blocked(packed, 144, block, halves).to(torch.int32), probe):
+            return name
+    log.warning("torch %s packs int4 weights in a layout mixtral does not know; unpacking (for saving or for the "
+                "fallback) goes through the kernel itself, which is slow", torch.__version__)
+    return None
+
+
+def from_int4_kernel(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+                     group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of `to_int4_kernel`: (q uint8 [out, in], scales, zeros [out, groups])."""
+    n = scales_and_zeros.shape[1]
+    layout = _kernel_layout()
+    if layout is not None:
+        q = _unpack_blocked(packed, n, *_LAYOUTS[layout])
+    else:
+        # Multiply the identity by the weight with scale 1 and zero 8: the kernel returns q itself (exact in bf16).
+        in_features = packed.numel() * 2 // n
+        ones = torch.tensor([1.0, 8.0], dtype=KERNEL_DTYPE).expand(in_features // group_size, n, 2).contiguous()
+        eye = torch.eye(in_features, dtype=KERNEL_DTYPE)
+        q = torch._weight_int4pack_mm_for_cpu(eye, packed.cpu(), group_size, ones).T.round().to(torch.uint8)
+    scales, zeros = scales_and_zeros.transpose(0, 1)[:out_features].unbind(-1)
+    return q[:out_features].to(packed.device), scales.contiguous(), zeros.contiguous()
+
+
+# ---- one matrix's product --------------------------------------------------------------------------------------
+
+class QuantizedWeight:
+    """One quantized matrix [out, in] and its kernel: what `QuantizedLinear` runs and what `QuantizedExperts[e]`
+    hands to `mixtral.moe.linear`. Views into the module's buffers; never stored.
+
+    int8: qweight int8 [out, in], scales [out]. int4: qweight = the kernel's packed uint8, scales = its
+    scales_and_zeros [groups, out (padded to 16), 2].
+    """
+    __slots__ = ("mode", "qweight", "scales", "group_size", "out_features")
+
+    def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, group_size: int | None,
+                 out_features: int):
+        self.mode, self.qweight, self.scales = mode, qweight, scales
+        self.group_size, self.out_features = group_size, out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (2 if self.mode == "int4" else 1)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] these integers stand for, in `dtype` (default: the scales' dtype)."""
+        dtype = dtype or self.scales.dtype
+        if self.mode == "int8":
+            return dequantize_int8(self.qweight, self.scales, dtype)
+        q, scales, zeros = from_int4_kernel(self.qweight, self.scales, self.out_features, self.group_size)
+        return dequantize_int4(q, scales, zeros, dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> x · wᵀ [n, out] in x's dtype."""
+        if x.device.type != "cpu":
+            _fallback(f"no {self.mode} kernel for device {x.device.type}")
+        elif self.mode == "int8" and self.in_features % 16:
+            _fallback(f"int8 kernel needs in_features % 16 == 0, got {self.in_features}")
+        elif x.shape[0] >= DEQUANTIZE_ROWS:
+            return F.linear(x.to(KERNEL_DTYPE), self.dequantize(KERNEL_DTYPE)).to(x.dtype)
+        else:
+            xk = x.to(KERNEL_DTYPE).contiguous()
+            if self.mode == "int8":
+                y = torch._weight_int8pack_mm(xk, self.qweight, self.scales.to(KERNEL_DTYPE))
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(xk, self.qweight, self.group_size,
+                                                      self.scales.to(KERNEL_DTYPE))
+                if y.shape[1] != self.out_features:
+                    y = y[:, :self.out_features].contiguous()
+            return y.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+# ---- the modules that replace the model's ----------------------------------------------------------------------
+
+class _Quantized(nn.Module):
+    """Buffers of one matrix ([out, in]) or a stack of them ([n_experts, out, in]), quantized.
+
+    Buffers: qweight (int8, or int4 packed for the kernel) and scales (int8: [..., out]; int4: scales_and_zeros
+    [..., groups, out, 2]). The scales' dtype is the model's, so `.to(dtype)` keeps it with the activations; their
+    values are bf16 numbers whatever the dtype.
+    """
+
+    def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, group_size: int | None,
+                 out_features: int):
+        super().__init__()
+        self.mode, self.group_size, self.out_features = mode, group_size, out_features
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[-1] * (2 if self.mode == "int4" else 1)
+
+    def _weight(self, *index: int) -> QuantizedWeight:
+        return QuantizedWeight(self.mode, self.qweight[index], self.scales[index], self.group_size,
+                               self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"{self.mode}, in_features={self.in_features}, out_features={self.out_features}{group}"
+
+
+class QuantizedLinear(_Quantized):
+    """Replaces a bias-free nn.Linear (attention projections, output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._weight().linear(x.reshape(-1, x.shape[-1]))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, computed afresh on each access (a full pass over it), in the model's dtype: for
+        code that reads `.weight.dtype` or `.device`, and for inspection."""
+        return self._weight().dequantize()
+
+
+class QuantizedExperts(_Quantized):
+    """Replaces an MoE's stacked expert weight (w13 or w2): `len()` experts, `[e]` one `QuantizedWeight`."""
+
+    def __len__(self) -> int:
+        return self.qweight.shape[0]
+
+    def __getitem__(self, e: int) -> QuantizedWeight:
+        return self._weight(e)
+
+
+def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) in the in-memory form for w [out, in] or [n, out, in], one matrix at a time (the float32
+    temporaries are one matrix, not the stack)."""
+    stack = w if w.dim() == 3 else w[None]
+    parts = []
+    for matrix in stack:
+        if mode == "int8":
+            parts.append(quantize_int8(matrix))
+        else:
+            parts.append(to_int4_kernel(*quantize_int4(matrix, group_size)))
+    qweight = torch.stack([p[0] for p in parts])
+    scales = torch.stack([p[1] for p in parts]).to(w.dtype)
+    return (qweight, scales) if w.dim() == 3 else (qweight[0], scales[0])
+
+
+def _group_size_for(in_features: int, group_size: int, name: str) -> int:
+    """The group size for a matrix with `in_features` columns: `group_size`, or the whole row when shorter."""
+    size = min(group_size, in_features)
+    if in_features % size or size not in GROUP_SIZES:
+        raise InputError(f"int4 group_size {group_size} does not fit {name} (in_features {in_features}): it must "
+                         f"divide in_features and be one of {', '.join(map(str, GROUP_SIZES))}")
+    return size
+
+
+def _quantized(w: torch.Tensor, mode: str, group_size: int, name: str, cls: type[_Quantized]) -> _Quantized:
+    group = _group_size_for(w.shape[-1], group_size, name) if mode == "int4" else None
+    with torch.no_grad():
+        qweight, scales = _quantize_stack(w.detach().cpu(), mode, group)
+    return cls(mode, qweight.to(w.device), scales.to(w.device), group, w.shape[-2])
+
+
+# ---- the model -------------------------------------------------------------------------------------------------
+
+def _check(mode: str, targets: Iterable[str], group_size: int) -> tuple[str, ...]:
+    if mode not in MODES:
+        raise InputError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+    targets = tuple(targets)
+    for t in targets:
+        if t not in TARGETS:
+            raise InputError(f"unknown quantization target {t!r}; choose among {', '.join(TARGETS)}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise InputError(f"int4 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+    return targets
+
+
+def _quantize_moe(moe: MoE, mode: str, group_size: int, name: str) -> None:
+    for attr in ("w13", "w2"):
+        quantized = _quantized(getattr(moe, attr), mode, group_size, f"{name}.{attr}", QuantizedExperts)
+        delattr(moe, attr)  # frees the float weight before the next one is quantized
+        setattr(moe, attr, quantized)
+
+
+def _plan(module: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Module, str]]:
+    """(name, parent, attribute) of every matrix `targets` selects in a Transformer or a single MoE."""
+    if isinstance(module, MoE):
+        return [("", module, "moe")] if "experts" in targets else []
+    if not isinstance(module, Transformer):
+        raise InputError(f"quantize takes a mixtral Transformer or MoE, not {type(module).__name__}")
+    plan = []
+    for i, layer in enumerate(module.layers):
+        if "attention" in targets:
+            plan += [(f"layers.{i}.attention.{a}", layer.attention, a) for a in _ATTENTION]
+        if "experts" in targets:
+            plan.append((f"layers.{i}.moe", layer.moe, "moe"))
+    if "output" in targets:
+        plan.append(("output", module, "output"))
+    return plan
+
+
+def quantize(module: nn.Module, mode: str, *, group_size: int = 128,
+             targets: Iterable[str] = TARGETS) -> nn.Module:
+    """Quantize a `Transformer` (or a single `MoE`) in place and return it.
+
+    mode: "int8" (per-channel) or "int4" (groups of `group_size` inputs: 32, 64, 128 or 256; a matrix with fewer
+    inputs uses one group per row). targets: any of "experts", "attention", "output". The router, embeddings and
+    norms stay as they are. Each float weight is freed as soon as its replacement exists, so the peak is the model
+    plus one quantized matrix stack (and one float32 matrix of temporaries).
+    Raises InputError for an unknown mode, target or group size, or a module already quantized.
+    """
+    targets = _check(mode, targets, group_size)
+    if any(isinstance(m, _Quantized) for m in module.modules()):
+        raise InputError("this model is already quantized; load the unquantized weights to quantize again")
+    for name, parent, attr in _plan(module, targets):
+        if attr == "moe":
+            _quantize_moe(parent, mode, group_size, name or "moe")
+            continue
+        linear = getattr(parent, attr)
+        setattr(parent, attr, _quantized(linear.weight, mode, group_size, name, QuantizedLinear))
+    module.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
+                           "targets": list(targets)}
+    return module
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """{"mode", "group_size", "targets"} of a model `quantize` changed, else None."""
+    return getattr(model, "quantization", None)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+def _portable(module: _Quantized) -> dict[str, torch.Tensor]:
+    """The file form of one quantized module's buffers (see the module docstring)."""
+    if module.mode == "int8":
+        return {"qweight": module.qweight, "scales": module.scales.to(torch.bfloat16)}
+    stacked = isinstance(module, QuantizedExperts)
+    qs, scales, zeros = [], [], []
+    for index in (range(len(module)) if stacked else [()]):
+        w = module._weight(*((index,) if stacked else ()))
+        q, s, z = from_int4_kernel(w.qweight, w.scales, module.out_features, module.group_size)
+        qs.append(pack_nibbles(q))
+        scales.append(s)
+        zeros.append(z)
+    pick = (lambda ts: torch.stack(ts)) if stacked else (lambda ts: ts[0])
+    return {"qweight": pick(qs), "scales": pick(scales).to(torch.bfloat16), "zeros": pick(zeros).to(torch.bfloat16)}
+
+
+def _load_int4(module: _Quantized, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill an int4 module's buffers from its file form, packing each matrix for this machine's kernel."""
+    stacked = isinstance(module, QuantizedExperts)
+    for index in (range(len(module)) if stacked else [()]):
+        idx = (index,) if stacked else ()
+        q = unpack_nibbles(tensors["qweight"][idx])
+        packed, scales_and_zeros = to_int4_kernel(q, tensors["scales"][idx], tensors["zeros"][idx])
+        module.qweight[idx].copy_(packed)
+        module.scales[idx].copy_(scales_and_zeros)
+
+
+def _file_shapes(module: _Quantized) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of the file tensors of a quantized module."""
+    lead = (len(module),) if isinstance(module, QuantizedExperts) else ()
+    n, k = module.out_features, module.in_features
+    if module.mode == "int8":
+        return {"qweight": (lead + (n, k), torch.int8), "scales": (lead + (n,), torch.bfloat16)}
+    groups = (lead + (n, k // module.group_size), torch.bfloat16)
+    return {"qweight": (lead + (n, k // 2), torch.uint8), "scales": groups, "zeros": groups}
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, _Quantized]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, _Quantized)}
+
+
+def _plain_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The unquantized state: parameters and buffers outside the quantized modules (a tied output once)."""
+    quantized = _quantized_modules(model)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized:
+            continue
+        if name == "output.weight" and model.config.tie_embeddings:
+            continue  # the same tensor as tok_embeddings.weight; the model ties them again on load
+        state[name] = tensor
+    return state
+
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
+                torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+
+
+def _write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype, object]]) -> None:
+    """Write a .safetensors file tensor by tensor: entries are (name, shape, dtype, make) with make() giving the
+    tensor. Only one made tensor is in memory at a time. Written to a temporary name, then renamed into place."""
+    header, offset = {"__metadata__": {"format": "pt", "quantization": "mixtral"}}, 0
+    for name, shape, dtype, _ in entries:
+        nbytes = dtype.itemsize
+        for s in shape:
+            nbytes *= s
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, shape, dtype, make in entries:
+            tensor = make().detach().to("cpu", dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise AssertionError(f"{name}: made shape {list(tensor.shape)}, planned {list(shape)}")
+            if tensor.numel():
+                f.write(memoryview(tensor.view(torch.uint8).numpy()).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_quantized(model: Transformer, path: str | os.PathLike) -> Path:
+    """Write a quantized model as config.json + model.safetensors in the format of this module's docstring.
+
+    Each file goes to a temporary name and is renamed into place. Memory: the model plus one tensor in its file
+    form. Raises InputError for a model that `quantize` has not changed.
+    """
+    settings = quantization_of(model)
+    if settings is None or not isinstance(model, Transformer):
+        raise InputError("save_quantized takes a Transformer that mixtral.quant.quantize has quantized")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = [(name, tuple(t.shape), t.dtype, (lambda t=t: t)) for name, t in _plain_tensors(model).items()]
+    for name, module in _quantized_modules(model).items():
+        cache: dict[str, torch.Tensor] = {}
+
+        def make(key: str, module: _Quantized = module, cache: dict = cache) -> torch.Tensor:
+            # The file tensors of a module come from one conversion (int4: one unpacking for all three).
+            if key not in cache:
+                cache.clear()
+                cache.update(_portable(module))
+            return cache.pop(key)
+
+        for key, (shape, dtype) in _file_shapes(module).items():
+            entries.append((f"{name}.{key}", shape, dtype, (lambda key=key, make=make: make(key))))
+    _write_safetensors_streaming(directory / "model.safetensors", entries)
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    config = to_hf_dict(model.config, dtype)
+    config["quantization_config"] = {"quant_method": "mixtral", "format_version": FORMAT_VERSION, **settings}
+    tmp = directory / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, directory / "config.json")
+    return directory
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The "quantization_config" of a checkpoint directory written by `save_quantized`, else None."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    settings = read_json(config).get("quantization_config")
+    if not isinstance(settings, dict) or settings.get("quant_method") != "mixtral":
+        return None
+    return settings
+
+
+def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> Transformer:
+    """Read a directory written by `save_quantized` into a quantized Transformer in eval mode.
+
+    dtype: of the unquantized tensors and the activations (default: the file's). Memory: the quantized model
+    plus one tensor's conversion (int4: an int32 copy of one expert matrix while it is packed for the kernel).
+    Raises CheckpointError naming the file and tensor for a missing, unexpected or misshapen tensor.
+    """
+    from mixtral.io.checkpoint import SafetensorsReader
+
+    directory = Path(path)
+    settings = read_quantization_config(directory)
+    if settings is None:
+        raise CheckpointError(f"{directory}: no mixtral quantization_config in config.json")
+    if settings.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory / 'config.json'}: quantization format_version "
+                              f"{settings.get('format_version')!r} is not {FORMAT_VERSION}; upgrade mixtral")
+    try:
+        targets = _check(settings["mode"], settings["targets"], settings["group_size"] or 128)
+    except (KeyError, InputError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: bad quantization_config ({e})") from None
+    config = from_hf_dict(read_json(directory / "config.json"), str(directory / "config.json"))
+    file = directory / "model.safetensors"
+    if not file.exists():
+        raise CheckpointError(f"{directory}: no model.safetensors")
+    reader = SafetensorsReader(file)
+    try:
+        if dtype is None:
+            dtype = reader.dtype("tok_embeddings.weight") if "tok_embeddings.weight" in reader.entries else None
+        model = _empty_quantized(config, settings["mode"], settings["group_size"] or 128, targets, dtype)
+        _read_into(model, reader)
+    finally:
+        reader.close()
+    model.quantization = {"mode": settings["mode"], "group_size": settings["group_size"], "targets": list(targets)}
+    return model.to(device).eval()
+
+
+def _empty_quantized(config, mode: str, group_size: int, targets: tuple[str, ...],
+                     dtype: torch.dtype | None) -> Transformer:
+    """A Transformer with uninitialised memory whose `targets` are quantized modules of the right shapes."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype or torch.float32)
+    for name, parent, attr in _plan(model, targets):
+        if attr == "moe":
+            for w in ("w13", "w2"):
+                module = _empty_module(getattr(parent, w), mode, group_size, f"{name}.{w}", QuantizedExperts)
+                delattr(parent, w)
+                setattr(parent, w, module)
+        else:
+            setattr(parent, attr, _empty_module(getattr(parent, attr).weight, mode, group_size, name,
+                                                QuantizedLinear))
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings and "output" not in targets:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def _empty_module(w: torch.Tensor, mode: str, group_size: int, name: str, cls: type[_Quantized]) -> _Quantized:
+    """A quantized module for a weight of w's shape, on the meta device."""
+    group = _group_size_for(w.shape[-1], group_size, name) if mode == "int4" else None
+    *lead, n, k = w.shape
+    if mode == "int8":
+        qweight = torch.empty(*lead, n, k, dtype=torch.int8, device="meta")
+        scales = torch.empty(*lead, n, dtype=w.dtype, device="meta")
+    else:
+        padded = n + _pad_rows(n)
+        qweight = torch.empty(*lead, padded, k // 2, dtype=torch.uint8, device="meta")
+        scales = torch.empty(*lead, k // group, padded, 2, dtype=w.dtype, device="meta")
+    return cls(mode, qweight, scales, group, n)
+
+
+def _read_into(model: Transformer, reader) -> None:
+    quantized = _quantized_modules(model)
+    plain = _plain_tensors(model)
+    expected = {name: (tuple(t.shape), None) for name, t in plain.items()}
+    for name, module in quantized.items():
+        expected.update({f"{name}.{key}": spec for key, spec in _file_shapes(module).items()})
+    unexpected = [k for k in reader.keys() if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{reader.path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    missing = [k for k in expected if k not in reader.entries]
+    if missing:
+        raise CheckpointError(f"{reader.path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    for name, (shape, dtype) in expected.items():
+        if tuple(reader.shape(name)) != shape or (dtype is not None and reader.dtype(name) != dtype):
+            raise CheckpointError(f"{reader.path}: tensor {name!r} is {reader.dtype(name)} {list(reader.shape(name))},"
+                                  f" expected {dtype or 'float'} {list(shape)}")
+    with torch.no_grad():
+        for name, tensor in plain.items():
+            tensor.copy_(reader.read(name))
+        for name, module in quantized.items():
+            if module.mode == "int8":  # straight into place: no second copy of the biggest tensors
+                reader.read(f"{name}.qweight", out=module.qweight)
+                module.scales.copy_(reader.read(f"{name}.scales"))
+            else:
+                _load_int4(module, {key: reader.read(f"{name}.{key}") for key in _file_shapes(module)})
