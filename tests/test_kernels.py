@@ -57,3 +57,30 @@ def test_bf16_decoding_through_the_kernel_matches_the_full_forward_pass():
         steps = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(12)], 1).float()
     assert (steps - full).abs().max().item() < 0.02 * full.abs().max().item()
     assert (steps.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.9
+
+
+def _int4_weight(n, k, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=g) * 0.01 + 1e-3
+    offset = torch.randn(n, k // group, generator=g) * 0.05
+    dequant = (q.view(n, k // group, group).float() * scale[..., None] + offset[..., None]).view(n, k)
+    return q, scale, offset, dequant
+
+
+def test_int4_pack_round_trip():
+    q = _int4_weight(6, 96, 32, 0)[0]
+    packed = kernels.pack_int4(q)
+    assert packed.shape == (6, 48) and packed.dtype == torch.uint8
+    assert torch.equal(kernels.unpack_int4(packed), q)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (9, 128, 64), (130, 256, 128), (64, 512, 32)])
+def test_gemv_int4_matches_dequantized_weights(m, n, k, group):
+    q, scale, offset, dequant = _int4_weight(n, k, group, m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = kernels.gemv_int4(x, kernels.pack_int4(q), scale, kernels.int4_bias(scale, offset))
+    ref = F.linear(x.float(), dequant)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * k ** 0.5)

@@ -62,6 +62,9 @@ def _library() -> ctypes.CDLL | None:
     library.gemv_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_int]
     library.gemv_bf16.restype = None
+    library.gemv_int4.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    library.gemv_int4.restype = None
     return library
 
 
@@ -87,3 +90,51 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return gemv_bf16(flat, w).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
 
+
+
+# ---- int4, group-wise ------------------------------------------------------------------------------------------
+# w[n, k] = q[n, k] * scale[n, g] + offset[n, g] for the group g = k // group_size, q in [0, 15].
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] integers in [0, 15] -> uint8 [N, K/2] in gemv.c's layout: for each block of 32 weights, byte i holds
+    weight i (low nibble) and weight 16 + i (high nibble). K must be a multiple of 32."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).view(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: uint8 [N, K/2] -> uint8 [N, K] in [0, 15]."""
+    n, half = packed.shape
+    blocks = packed.view(n, half // 16, 16)
+    return torch.stack([blocks & 0xF, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def int4_bias(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """What `gemv_int4` adds back per group, [groups, N] float32: the offsets minus the 128 of the kernel's bias.
+    Computed once when a weight is quantized."""
+    return (offset - 128 * scale).t().contiguous().float()
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [M, K] · wᵀ for the int4 weight (packed uint8 [N, K/2], scale float32 [N, K/G], bias = `int4_bias(...)`)
+    -> [M, N] float32.
+
+    The kernel returns sum_g scale * sum (128 + q) x; the offsets and the 128 come back as one small product of
+    the per-group sums of x with `bias` (see gemv.c)."""
+    m, k = x.shape
+    n, groups = scale.shape
+    x = x.to(torch.bfloat16).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    _library().gemv_int4(x.data_ptr(), m, packed.data_ptr(), scale.data_ptr(), n, k, k // groups, y.data_ptr(),
+                         torch.get_num_threads())
+    group_sums = x.float().view(m, groups, k // groups).sum(-1)  # [M, groups]
+    return y.addmm_(group_sums, bias)
+
+
+def int4_applies(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
+    """Whether `gemv_int4` serves this product: a few rows, on a CPU where the kernels are built."""
+    k = packed.shape[1] * 2
+    return (packed.device.type == "cpu" and k % 32 == 0 and group_size % 32 == 0 and k % group_size == 0
+            and x.numel() // k <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
+            and _library() is not None)

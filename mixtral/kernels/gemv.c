@@ -54,3 +54,77 @@ void gemv_bf16(const uint16_t *x, int M, const uint16_t *W, int N, int K, float 
         bf16_block(x, M, W, K, y, N, n0, n1);
     }
 }
+
+// int4 weights, group-wise: w[n, k] = q[n, k] * s[n, g] + b[n, g] for k in group g (G weights, a multiple of 32).
+// Packing: for each block of 32 weights, 16 bytes; byte i holds q[32j + i] (low nibble) and q[32j + 16 + i]
+// (high nibble). A nibble q becomes the bf16 number 128 + q by OR-ing in the exponent bits of 128 (0x4300):
+// exact, and one `vdpbf16ps` then multiplies 32 weights at once. This returns, per group, the scaled sums
+//     y[m, n] = sum_g s[n, g] * sum_{k in g} (128 + q[n, k]) * x[m, k]
+// and the caller adds sum_g (b[n, g] - 128 s[n, g]) * sum_{k in g} x[m, k], a small product done in torch.
+// MB (rows of x) is a compile-time constant in each instance, so the accumulators stay in registers.
+static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xm, const int MB, const uint8_t *Q,
+                                                            const float *S, int K, int G, float *y, int ldy,
+                                                            int n0, int n1) {
+    const __m256i low = _mm256_set1_epi16(0x000F);
+    const __m512i magic = _mm512_set1_epi16(0x4300);
+    const int groups = K / G;
+    for (int n = n0; n < n1; n += 2) {
+        int nb = n1 - n < 2 ? n1 - n : 2;
+        const uint8_t *q0 = Q + (long)n * (K / 2), *q1 = Q + (long)(n + nb - 1) * (K / 2);
+        const float *s0 = S + (long)n * groups, *s1 = S + (long)(n + nb - 1) * groups;
+        __m512 total0[MAX_ROWS], total1[MAX_ROWS];
+        for (int m = 0; m < MB; m++) { total0[m] = _mm512_setzero_ps(); total1[m] = _mm512_setzero_ps(); }
+        for (int g = 0; g < groups; g++) {
+            __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
+            for (int m = 0; m < MB; m++) { acc0[m] = _mm512_setzero_ps(); acc1[m] = _mm512_setzero_ps(); }
+            for (int k = g * G; k < (g + 1) * G; k += 32) {
+                __m256i b0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q0 + k / 2)));
+                __m256i b1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q1 + k / 2)));
+                __m512bh a0 = (__m512bh)_mm512_or_si512(_mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_and_si256(b0, low)), _mm256_srli_epi16(b0, 4), 1), magic);
+                __m512bh a1 = (__m512bh)_mm512_or_si512(_mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_and_si256(b1, low)), _mm256_srli_epi16(b1, 4), 1), magic);
+                for (int m = 0; m < MB; m++) {
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + (long)m * K + k);
+                    acc0[m] = _mm512_dpbf16_ps(acc0[m], a0, xv);
+                    acc1[m] = _mm512_dpbf16_ps(acc1[m], a1, xv);
+                }
+            }
+            __m512 sc0 = _mm512_set1_ps(s0[g]), sc1 = _mm512_set1_ps(s1[g]);
+            for (int m = 0; m < MB; m++) {
+                total0[m] = _mm512_fmadd_ps(sc0, acc0[m], total0[m]);
+                total1[m] = _mm512_fmadd_ps(sc1, acc1[m], total1[m]);
+            }
+        }
+        for (int m = 0; m < MB; m++) {
+            y[(long)m * ldy + n] = _mm512_reduce_add_ps(total0[m]);
+            if (nb == 2) y[(long)m * ldy + n + 1] = _mm512_reduce_add_ps(total1[m]);
+        }
+    }
+}
+
+static void int4_block(const uint16_t *x, int M, const uint8_t *Q, const float *S, int K, int G, float *y, int ldy,
+                       int n0, int n1) {
+    for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        const uint16_t *xm = x + (long)m0 * K;
+        float *ym = y + (long)m0 * ldy;
+        switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {
+            case 1: int4_rows(xm, 1, Q, S, K, G, ym, ldy, n0, n1); break;
+            case 2: int4_rows(xm, 2, Q, S, K, G, ym, ldy, n0, n1); break;
+            case 3: int4_rows(xm, 3, Q, S, K, G, ym, ldy, n0, n1); break;
+            default: int4_rows(xm, 4, Q, S, K, G, ym, ldy, n0, n1); break;
+        }
+    }
+}
+
+// K and G multiples of 32, G divides K (the caller checks). x is bf16 [M, K]; Q is uint8 [N, K/2]; S float [N, K/G].
+void gemv_int4(const uint16_t *x, int M, const uint8_t *Q, const float *S, int N, int K, int G, float *y,
+               int threads) {
+    const int block = 64;
+    int blocks = (N + block - 1) / block;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        int n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
+        int4_block(x, M, Q, S, K, G, y, N, n0, n1);
+    }
+}
