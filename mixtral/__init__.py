@@ -1,7 +1,8 @@
 """mixtral: Mixtral of Experts (arXiv 2401.04088) in plain PyTorch.
 
 Public contract:
-    mixtral.load(path_or_preset, *, dtype=None, device="cpu") -> torch.nn.Module
+    mixtral.load(path_or_preset, *, dtype=None, device="cpu", quantize=None) -> torch.nn.Module
+        (quantize: "int8" | "int4", weight-only; see mixtral.quant)
     model(input_ids [B, T]) -> logits [B, T, vocab]
     mixtral.generate(model, prompts, max_new_tokens, temperature=0.0, ...) -> new token ids per prompt
     mixtral.load_tokenizer(path_or_preset)

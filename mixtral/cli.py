@@ -1,4 +1,4 @@
-"""The `mixtral` command: generate, chat, info, convert.
+"""The `mixtral` command: generate, chat, info, convert, bench.
 
 A thin layer over the library: every subcommand parses its arguments, calls `mixtral.load`, the tokenizer and
 `mixtral.generate`, and prints. User mistakes arrive as `mixtral.errors.MixtralError` and are turned into one
@@ -8,6 +8,7 @@ A thin layer over the library: every subcommand parses its arguments, calls `mix
     mixtral chat --model ./Mixtral-8x7B-Instruct-v0.1
     mixtral info --model mixtral-8x7b
     mixtral convert ./hf-checkpoint ./native --to native
+    mixtral bench moe --tokens 1,512
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mixtral.bench import add_bench_parser
 from mixtral.config import PRESETS, ModelConfig
 from mixtral.errors import CheckpointError, ContextLengthError, InputError, MixtralError, TokenizerError
 from mixtral.generate import check_sampling, complete, stream_text
@@ -31,6 +33,7 @@ from mixtral.io.loading import load, load_tokenizer
 from mixtral.io.tokenizer import DIR_CANDIDATES, Tokenizer
 from mixtral.io.tokenizer import PRESETS as TOKENIZER_PRESETS
 from mixtral.model import Transformer
+from mixtral.quant import read_quantization_config
 
 log = logging.getLogger("mixtral")
 
@@ -67,6 +70,14 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
                              f"({', '.join(PRESETS)}); presets have random weights (default: {DEFAULT_MODEL})")
 
 
+def add_quantize_option(parser: argparse.ArgumentParser) -> None:
+    """--quantize, for subcommands that run a model."""
+    parser.add_argument("--quantize", choices=("int8", "int4"),
+                        help="quantize the expert, attention and output weights after loading (int8: per channel; "
+                             "int4: groups of 128); the router stays in full precision. A checkpoint saved "
+                             "quantized loads quantized without this option")
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """The model, tokenizer and sampling options of `generate` and `chat` (one definition for both)."""
     model = parser.add_argument_group("model")
@@ -77,6 +88,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                             f"{MIXTRAL_VOCAB} tokens)")
     model.add_argument("--dtype", choices=DTYPE_CHOICES,
                        help="dtype of the weights in memory (default: the checkpoint's own; float32 for presets)")
+    add_quantize_option(model)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", "-n", type=int, default=64, metavar="N",
                           help="most tokens to generate per reply (default: 64)")
@@ -164,8 +176,8 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Transformer, Tok
     tokenizer, tokenizer_note = resolve_tokenizer(args.tokenizer, args.model, config, files)
     start = time.perf_counter()
     # tqdm's bar goes to stderr; only draw it for a person watching, not into logs.
-    model = load(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
-    log.info("loaded %s (%s) in %.1f s", args.model, str(model.output.weight.dtype).removeprefix("torch."),
+    model = load(args.model, dtype=args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize)
+    log.info("loaded %s (%s) in %.1f s", args.model, str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
              time.perf_counter() - start)
     if files is None:
         _note(f"{args.model!r} is a preset with random weights, so the output is noise "
@@ -415,6 +427,9 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     check_destination(src, dst, args.force)
+    if read_quantization_config(src) is not None:
+        raise InputError(f"{src} is a quantized checkpoint; convert reads unquantized weights only (quantize on "
+                         f"load with --quantize instead)")
     model = load(args.src, dtype=args.dtype, progress=sys.stderr.isatty())
     if args.force and dst.is_dir():
         # Only after SRC loaded: a failed load leaves DST as it was.
@@ -426,7 +441,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         for path in _matching(src, TOKENIZER_FILES):
             shutil.copy2(path, dst / path.name)
             copied.append(path.name)
-    dtype = str(model.output.weight.dtype).removeprefix("torch.")
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     layout = "Hugging Face" if args.to == "hf" else "Mistral native"
     print(f"wrote {dst} ({layout} layout, {dtype}):")
     for path in sorted(p for p in dst.iterdir() if p.is_file()):
@@ -484,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", "-f", action="store_true",
                    help="write into a non-empty DST, replacing the checkpoint and tokenizer files there")
     p.set_defaults(run=cmd_convert)
+
+    add_bench_parser(commands)
     return parser
 
 

@@ -78,12 +78,12 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
         g.manual_seed(s) if s is not None else g.seed()
         generators.append(g)
 
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = int(lengths.max())
     chunk = min(prefill_chunk, longest)
     cache = KVCache(config, batch, longest + max_new_tokens, max_chunk=chunk,
-                    dtype=model.output.weight.dtype, device=device)
+                    dtype=model.tok_embeddings.weight.dtype, device=device)
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)

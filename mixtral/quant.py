@@ -3,20 +3,25 @@
 What is quantized (`targets`): "experts" (each MoE's w13/w2), "attention" (wq, wk, wv, wo), "output" (the LM head).
 Never the router (PITFALLS 7: a quantized gate changes which experts run), the embeddings or the norms.
 
-    int8: symmetric, one scale per output channel        w[o, k] = q[o, k] · scale[o]                 q in [-127, 127]
-    int4: asymmetric (min-max), one scale and one zero    w[o, k] = (q[o, k] - 8) · scale[o, g] + zero[o, g]   q in [0, 15]
-          per group of `group_size` inputs, g = k // group_size (the convention of torch's int4 CPU kernel)
+    int8: symmetric, a scale per output channel       w[o, k] = q[o, k] · scale[o]                       q in -127..127
+    int4: asymmetric (min-max), a scale and a zero    w[o, k] = (q[o, k] - 8) · scale[o, g] + zero[o, g]  q in 0..15
+          per group of `group_size` inputs, g = k // group_size (the convention of torch's int4 kernels too)
 
-Kernels (CPU): `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`, both run in bfloat16 whatever
-the model's dtype: their float32 paths are scalar loops, 10-50x slower (measured, torch 2.13 on AVX512), so x is
-cast to bf16 for the product and the result cast back to x's dtype. Scales and zeros are rounded to bf16 *before*
-the integers are computed, so the kernel multiplies by exactly the stored values. Anything the kernels do not take
-(another device; int8 with in_features % 16 != 0, where the kernel crashes) dequantizes and calls F.linear,
-logged once per reason.
+Kernels (CPU), chosen by the rows of x (the crossovers measured on Mixtral-8x7B's expert matrices, 2 threads;
+`benchmarks/quant_accuracy.py --kernels`, table in docs/performance.md):
+    int8: torch's `_weight_int8pack_mm` below INT8_GEMM_ROWS rows (its time grows with every row: at 16 rows it
+          is already slower than bf16); from there the weight is expanded to bf16 (`kernels.dequant_int8`, about
+          10 ms for 28672 x 4096) and multiplied by torch's bf16 GEMM.
+    int4: mixtral's own `kernels.gemv_int4` (AVX512-BF16; faster than torch's `_weight_int4pack_mm_for_cpu`, whose
+          packed layout is also opaque and differs between CPUs) below INT4_GEMV_ROWS rows; from there
+          `kernels.dequant_int4` + the bf16 GEMM (torch's int4 kernel costs 2.5x the bf16 GEMM at 128+ rows).
+Both run in bfloat16 whatever the model's dtype (the float32 paths of torch's kernels are scalar loops, 10-50x
+slower): x is cast to bf16 for the product and the result cast back to x's dtype. Scales and zeros are bf16
+numbers, rounded *before* the integers are computed, so every kernel multiplies by exactly the stored values.
+Anything the kernels do not take (another device, a CPU without AVX512-BF16 or a C compiler, int8 with
+in_features % 16 != 0, where torch's kernel crashes) dequantizes and calls F.linear, logged once per reason.
 
-In memory, int8 weights are kept as they are stored; int4 weights in the kernel's packed layout, which is opaque
-and depends on the torch version and CPU (AVX512 vs AVX2 blocks). Files always hold the portable form below, and
-the packing is redone on load; the unpacking for saving is checked against the kernel's own packing of a probe.
+In memory the int4 integers are already in the file's layout below, so loading is a straight read.
 
 Quantized checkpoint (`save_quantized`, read back by `mixtral.load`): a directory with
 - config.json: the Hugging Face config (`mixtral.config.to_hf_dict`) plus
@@ -26,7 +31,8 @@ Quantized checkpoint (`save_quantized`, read back by `mixtral.load`): a director
   `layers.0.moe.router.weight`, ...) in the model's dtype, and for each quantized matrix at module path P
   (`layers.0.attention.wq`, `output`, `layers.0.moe.w13` with a leading [n_experts] dimension, ...):
     int8: P.qweight int8 [..., out, in], P.scales bf16 [..., out]
-    int4: P.qweight uint8 [..., out, in / 2] (two q per byte: column 2j in the low nibble, 2j + 1 in the high),
+    int4: P.qweight uint8 [..., out, in / 2]: for each block of 32 columns 16 bytes, byte i holding column i
+          (low nibble) and column 16 + i (high nibble) of the block (`mixtral.kernels.pack_int4`);
           P.scales and P.zeros bf16 [..., out, in / group_size]
 """
 from __future__ import annotations
@@ -34,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -42,8 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral import kernels
 from mixtral.config import from_hf_dict, read_json, to_hf_dict
 from mixtral.errors import CheckpointError, InputError
+from mixtral.io.checkpoint import SafetensorsReader
 from mixtral.model import Transformer
 from mixtral.moe import MoE
 
@@ -51,12 +58,14 @@ log = logging.getLogger("mixtral")
 
 MODES = ("int8", "int4")
 TARGETS = ("experts", "attention", "output")
-GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
+GROUP_SIZES = (32, 64, 128, 256)  # multiples of gemv_int4's 32-weight blocks
 FORMAT_VERSION = 1
 KERNEL_DTYPE = torch.bfloat16
-# At this many rows and more, dequantizing the weight once and running torch's bf16 GEMM beats the int kernels,
-# whose time grows linearly with the rows (benchmarks/quant_accuracy.py --kernels measures the crossover).
-DEQUANTIZE_ROWS = 128
+# From these many rows of x, the quantized weight is expanded to bf16 and multiplied by torch's bf16 GEMM: the
+# integer kernels' time grows with the rows, the expansion is paid once (see the module docstring; measured with
+# `benchmarks/quant_accuracy.py --kernels --rows 8,16,32,64,128`).
+INT8_GEMM_ROWS = 16
+INT4_GEMV_ROWS = 32
 
 _BF16_TINY = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group: any nonzero value works
 _ATTENTION = ("wq", "wk", "wv", "wo")
@@ -83,7 +92,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.to(dtype) * scales.to(dtype)[..., None]).to(dtype)
+    """q [..., out, in], scales [..., out] -> w [..., out, in] in `dtype` (computed in float32, as the kernel)."""
+    return (q.float() * scales.float()[..., None]).to(dtype)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,102 +116,25 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     """q [..., out, in] uint8 0..15, scales/zeros [..., out, groups] -> w [..., out, in]."""
     *lead, in_features = q.shape
     groups = scales.shape[-1]
-    w = (q.view(*lead, groups, in_features // groups).float() - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    q = q.view(*lead, groups, in_features // groups).float()
+    w = (q - 8) * scales.float()[..., None] + zeros.float()[..., None]
     return w.view(*lead, in_features).to(dtype)
-
-
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., n] of values 0..15 -> uint8 [..., n / 2]: element 2j in the low nibble, 2j + 1 in the high."""
-    return q[..., 0::2] | (q[..., 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_nibbles`."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
-
-
-# ---- torch's int4 CPU layout -----------------------------------------------------------------------------------
-
-def _pad_rows(n: int) -> int:
-    return -n % 16  # the int4 CPU kernel packs output channels in blocks of 16
-
-
-def to_int4_kernel(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Portable (q [out, in], scales/zeros [out, groups]) -> the CPU kernel's (packed weight, scales_and_zeros).
-
-    Output channels are padded with zero rows to a multiple of 16. scales_and_zeros: [groups, out, 2] bfloat16.
-    """
-    pad = _pad_rows(q.shape[0])
-    packed = torch._convert_weight_to_int4pack_for_cpu(F.pad(q.to(torch.int32), (0, 0, 0, pad)), 1)
-    scales_and_zeros = torch.stack([F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))], dim=-1)
-    return packed, scales_and_zeros.transpose(0, 1).contiguous()
-
-
-def _unpack_blocked(packed: torch.Tensor, n: int, block: int, halves: bool) -> torch.Tensor:
-    """One candidate inverse of the CPU packing: output channels in blocks of `block`, each block stored k-major
-    with two channels per byte: (j, j + block/2) in the low/high nibble when `halves`, else (2j, 2j + 1); a
-    last partial block always pairs neighbours."""
-    k = packed.numel() * 2 // n
-    flat = packed.reshape(-1)
-    full, tail = divmod(n, block)
-    parts = []
-    if full:
-        b = flat[: full * block * k // 2].view(full, k, block // 2)
-        rows = torch.cat([b & 15, b >> 4], dim=2) if halves else torch.stack([b & 15, b >> 4], dim=3)
-        parts.append(rows.reshape(full, k, block).transpose(1, 2).reshape(full * block, k))
-    if tail:
-        b = flat[full * block * k // 2:].view(k, tail // 2)
-        parts.append(torch.stack([b & 15, b >> 4], dim=2).reshape(k, tail).T)
-    return torch.cat(parts)
-
-
-_LAYOUTS = {"avx512": (64, True), "avx2": (32, True), "scalar": (32, False)}  # from aten's int4mm_kernel.cpp
-
-
-@lru_cache(maxsize=1)
-def _kernel_layout() -> str | None:
-    """Which known layout torch's int4 packing uses on this machine, found by packing a probe (None: unknown)."""
-    probe = torch.randint(0, 16, (144, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-    for name, (block, halves) in _LAYOUTS.items():
-        if torch.equal(_unpack_blocked(packed, 144, block, halves).to(torch.int32), probe):
-            return name
-    log.warning("torch %s packs int4 weights in a layout mixtral does not know; unpacking (for saving or for the "
-                "fallback) goes through the kernel itself, which is slow", torch.__version__)
-    return None
-
-
-def from_int4_kernel(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
-                     group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of `to_int4_kernel`: (q uint8 [out, in], scales, zeros [out, groups])."""
-    n = scales_and_zeros.shape[1]
-    layout = _kernel_layout()
-    if layout is not None:
-        q = _unpack_blocked(packed, n, *_LAYOUTS[layout])
-    else:
-        # Multiply the identity by the weight with scale 1 and zero 8: the kernel returns q itself (exact in bf16).
-        in_features = packed.numel() * 2 // n
-        ones = torch.tensor([1.0, 8.0], dtype=KERNEL_DTYPE).expand(in_features // group_size, n, 2).contiguous()
-        eye = torch.eye(in_features, dtype=KERNEL_DTYPE)
-        q = torch._weight_int4pack_mm_for_cpu(eye, packed.cpu(), group_size, ones).T.round().to(torch.uint8)
-    scales, zeros = scales_and_zeros.transpose(0, 1)[:out_features].unbind(-1)
-    return q[:out_features].to(packed.device), scales.contiguous(), zeros.contiguous()
 
 
 # ---- one matrix's product --------------------------------------------------------------------------------------
 
 class QuantizedWeight:
-    """One quantized matrix [out, in] and its kernel: what `QuantizedLinear` runs and what `QuantizedExperts[e]`
+    """One quantized matrix [out, in] and its kernels: what `QuantizedLinear` runs and what `QuantizedExperts[e]`
     hands to `mixtral.moe.linear`. Views into the module's buffers; never stored.
 
-    int8: qweight int8 [out, in], scales [out]. int4: qweight = the kernel's packed uint8, scales = its
-    scales_and_zeros [groups, out (padded to 16), 2].
+    int8: qweight int8 [out, in], scales [out]. int4: qweight uint8 [out, in / 2] (`kernels.pack_int4`), scales
+    and zeros bf16 [out, groups], bias float32 [groups, out] (`kernels.int4_bias`, for gemv_int4).
     """
-    __slots__ = ("mode", "qweight", "scales", "group_size", "out_features")
+    __slots__ = ("mode", "qweight", "scales", "zeros", "bias", "group_size", "out_features")
 
-    def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, group_size: int | None,
-                 out_features: int):
-        self.mode, self.qweight, self.scales = mode, qweight, scales
+    def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, group_size: int | None, out_features: int):
+        self.mode, self.qweight, self.scales, self.zeros, self.bias = mode, qweight, scales, zeros, bias
         self.group_size, self.out_features = group_size, out_features
 
     @property
@@ -213,27 +146,33 @@ class QuantizedWeight:
         dtype = dtype or self.scales.dtype
         if self.mode == "int8":
             return dequantize_int8(self.qweight, self.scales, dtype)
-        q, scales, zeros = from_int4_kernel(self.qweight, self.scales, self.out_features, self.group_size)
-        return dequantize_int4(q, scales, zeros, dtype)
+        return dequantize_int4(kernels.unpack_int4(self.qweight), self.scales, self.zeros, dtype)
+
+    def _bf16_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weight expanded to bf16 by the C dequantizers, or None where they do not run. Into a reused buffer
+        unless autograd will keep the weight for the backward pass."""
+        if not kernels.dequant_available():
+            return None
+        scratch = not (torch.is_grad_enabled() and x.requires_grad)
+        if self.mode == "int8":
+            return kernels.dequant_int8(self.qweight, self.scales.to(KERNEL_DTYPE), scratch)
+        return kernels.dequant_int4(self.qweight, self.scales, self.zeros, scratch)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> x · wᵀ [n, out] in x's dtype."""
+        rows = x.shape[0]
+        few = not (torch.is_grad_enabled() and x.requires_grad)  # the integer kernels have no backward
         if x.device.type != "cpu":
             _fallback(f"no {self.mode} kernel for device {x.device.type}")
-        elif self.mode == "int8" and self.in_features % 16:
-            _fallback(f"int8 kernel needs in_features % 16 == 0, got {self.in_features}")
-        elif x.shape[0] >= DEQUANTIZE_ROWS:
-            return F.linear(x.to(KERNEL_DTYPE), self.dequantize(KERNEL_DTYPE)).to(x.dtype)
-        else:
-            xk = x.to(KERNEL_DTYPE).contiguous()
-            if self.mode == "int8":
-                y = torch._weight_int8pack_mm(xk, self.qweight, self.scales.to(KERNEL_DTYPE))
-            else:
-                y = torch._weight_int4pack_mm_for_cpu(xk, self.qweight, self.group_size,
-                                                      self.scales.to(KERNEL_DTYPE))
-                if y.shape[1] != self.out_features:
-                    y = y[:, :self.out_features].contiguous()
+        elif self.mode == "int4" and few and rows < INT4_GEMV_ROWS and kernels.available():
+            return kernels.gemv_int4(x, self.qweight, self.scales, self.bias).to(x.dtype)
+        elif self.mode == "int8" and few and rows < INT8_GEMM_ROWS and self.in_features % 16 == 0:
+            y = torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales.to(KERNEL_DTYPE))
             return y.to(x.dtype)
+        elif (w := self._bf16_weight(x)) is not None:
+            return F.linear(x.to(KERNEL_DTYPE), w).to(x.dtype)
+        else:
+            _fallback(f"no {self.mode} kernel on this CPU (no AVX512-BF16 or no C compiler)")
         return F.linear(x, self.dequantize(x.dtype))
 
 
@@ -242,25 +181,45 @@ class QuantizedWeight:
 class _Quantized(nn.Module):
     """Buffers of one matrix ([out, in]) or a stack of them ([n_experts, out, in]), quantized.
 
-    Buffers: qweight (int8, or int4 packed for the kernel) and scales (int8: [..., out]; int4: scales_and_zeros
-    [..., groups, out, 2]). The scales' dtype is the model's, so `.to(dtype)` keeps it with the activations; their
-    values are bf16 numbers whatever the dtype.
+    int8: qweight int8 [..., out, in] and scales [..., out] in the model's dtype (so `.to(dtype)` keeps them with
+    the activations; their values are bf16 numbers whatever the dtype).
+    int4: qweight uint8 [..., out, in / 2], scales and zeros bfloat16 [..., out, groups] (kept bf16 through
+    `.to(dtype)`: the kernels read them as such, and the values are bf16 numbers anyway), and the derived,
+    unsaved bias float32 [..., groups, out], recomputed by `refresh()` after every move or load.
     """
 
-    def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, group_size: int | None,
-                 out_features: int):
+    def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int | None, out_features: int):
         super().__init__()
         self.mode, self.group_size, self.out_features = mode, group_size, out_features
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        if mode == "int4":
+            self.register_buffer("zeros", zeros)
+            self.register_buffer("bias", None, persistent=False)
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute what derives from the stored buffers (int4: bf16 scales and zeros, the kernel's bias)."""
+        if self.mode == "int4" and self.scales.device.type != "meta":
+            self.scales, self.zeros = self.scales.to(torch.bfloat16), self.zeros.to(torch.bfloat16)
+            self.bias = kernels.int4_bias(self.scales, self.zeros)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.refresh()
+        return self
 
     @property
     def in_features(self) -> int:
         return self.qweight.shape[-1] * (2 if self.mode == "int4" else 1)
 
     def _weight(self, *index: int) -> QuantizedWeight:
-        return QuantizedWeight(self.mode, self.qweight[index], self.scales[index], self.group_size,
-                               self.out_features)
+        if self.mode == "int8":
+            return QuantizedWeight("int8", self.qweight[index], self.scales[index], None, None, None,
+                                   self.out_features)
+        return QuantizedWeight("int4", self.qweight[index], self.scales[index], self.zeros[index], self.bias[index],
+                               self.group_size, self.out_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -276,8 +235,8 @@ class QuantizedLinear(_Quantized):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight, computed afresh on each access (a full pass over it), in the model's dtype: for
-        code that reads `.weight.dtype` or `.device`, and for inspection."""
+        """The dequantized weight, computed afresh on each access (a full pass over it), for inspection: int8 in the
+        model's dtype, int4 in bfloat16 (the dtype of its scales)."""
         return self._weight().dequantize()
 
 
@@ -291,19 +250,23 @@ class QuantizedExperts(_Quantized):
         return self._weight(e)
 
 
-def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qweight, scales) in the in-memory form for w [out, in] or [n, out, in], one matrix at a time (the float32
-    temporaries are one matrix, not the stack)."""
+def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None) -> list[torch.Tensor]:
+    """The in-memory buffers for w [out, in] or [n, out, in], one matrix at a time (the float32 temporaries are
+    one matrix, not the stack): int8 [qweight, scales in w's dtype]; int4 [qweight packed, scales, zeros]."""
     stack = w if w.dim() == 3 else w[None]
-    parts = []
-    for matrix in stack:
+    buffers: list[torch.Tensor] | None = None
+    for i, matrix in enumerate(stack):
         if mode == "int8":
-            parts.append(quantize_int8(matrix))
+            q, scales = quantize_int8(matrix)
+            parts = [q, scales.to(w.dtype)]
         else:
-            parts.append(to_int4_kernel(*quantize_int4(matrix, group_size)))
-    qweight = torch.stack([p[0] for p in parts])
-    scales = torch.stack([p[1] for p in parts]).to(w.dtype)
-    return (qweight, scales) if w.dim() == 3 else (qweight[0], scales[0])
+            q, scales, zeros = quantize_int4(matrix, group_size)
+            parts = [kernels.pack_int4(q), scales, zeros]
+        if buffers is None:
+            buffers = [p.new_empty(len(stack), *p.shape) for p in parts]
+        for buffer, part in zip(buffers, parts):
+            buffer[i] = part
+    return buffers if w.dim() == 3 else [b[0] for b in buffers]
 
 
 def _group_size_for(in_features: int, group_size: int, name: str) -> int:
@@ -318,8 +281,16 @@ def _group_size_for(in_features: int, group_size: int, name: str) -> int:
 def _quantized(w: torch.Tensor, mode: str, group_size: int, name: str, cls: type[_Quantized]) -> _Quantized:
     group = _group_size_for(w.shape[-1], group_size, name) if mode == "int4" else None
     with torch.no_grad():
-        qweight, scales = _quantize_stack(w.detach().cpu(), mode, group)
-    return cls(mode, qweight.to(w.device), scales.to(w.device), group, w.shape[-2])
+        qweight, scales, *zeros = (b.to(w.device) for b in _quantize_stack(w.detach().cpu(), mode, group))
+    return cls(mode, qweight, scales, zeros[0] if zeros else None, group, w.shape[-2])
+
+
+def quantize_linear(linear: nn.Linear, mode: str, *, group_size: int = 128) -> QuantizedLinear:
+    """A QuantizedLinear with `linear`'s (bias-free) weight; the activations' dtype stays `linear.weight`'s."""
+    _check(mode, (), group_size)
+    if linear.bias is not None:
+        raise InputError("quantize_linear takes a linear layer without bias")
+    return _quantized(linear.weight, mode, group_size, "linear", QuantizedLinear)
 
 
 # ---- the model -------------------------------------------------------------------------------------------------
@@ -392,30 +363,10 @@ def quantization_of(model: nn.Module) -> dict | None:
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
 def _portable(module: _Quantized) -> dict[str, torch.Tensor]:
-    """The file form of one quantized module's buffers (see the module docstring)."""
+    """The file form of one quantized module's buffers (see the module docstring): the buffers themselves."""
     if module.mode == "int8":
         return {"qweight": module.qweight, "scales": module.scales.to(torch.bfloat16)}
-    stacked = isinstance(module, QuantizedExperts)
-    qs, scales, zeros = [], [], []
-    for index in (range(len(module)) if stacked else [()]):
-        w = module._weight(*((index,) if stacked else ()))
-        q, s, z = from_int4_kernel(w.qweight, w.scales, module.out_features, module.group_size)
-        qs.append(pack_nibbles(q))
-        scales.append(s)
-        zeros.append(z)
-    pick = (lambda ts: torch.stack(ts)) if stacked else (lambda ts: ts[0])
-    return {"qweight": pick(qs), "scales": pick(scales).to(torch.bfloat16), "zeros": pick(zeros).to(torch.bfloat16)}
-
-
-def _load_int4(module: _Quantized, tensors: dict[str, torch.Tensor]) -> None:
-    """Fill an int4 module's buffers from its file form, packing each matrix for this machine's kernel."""
-    stacked = isinstance(module, QuantizedExperts)
-    for index in (range(len(module)) if stacked else [()]):
-        idx = (index,) if stacked else ()
-        q = unpack_nibbles(tensors["qweight"][idx])
-        packed, scales_and_zeros = to_int4_kernel(q, tensors["scales"][idx], tensors["zeros"][idx])
-        module.qweight[idx].copy_(packed)
-        module.scales[idx].copy_(scales_and_zeros)
+    return {"qweight": module.qweight, "scales": module.scales, "zeros": module.zeros}
 
 
 def _file_shapes(module: _Quantized) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -490,17 +441,8 @@ def save_quantized(model: Transformer, path: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     entries = [(name, tuple(t.shape), t.dtype, (lambda t=t: t)) for name, t in _plain_tensors(model).items()]
     for name, module in _quantized_modules(model).items():
-        cache: dict[str, torch.Tensor] = {}
-
-        def make(key: str, module: _Quantized = module, cache: dict = cache) -> torch.Tensor:
-            # The file tensors of a module come from one conversion (int4: one unpacking for all three).
-            if key not in cache:
-                cache.clear()
-                cache.update(_portable(module))
-            return cache.pop(key)
-
         for key, (shape, dtype) in _file_shapes(module).items():
-            entries.append((f"{name}.{key}", shape, dtype, (lambda key=key, make=make: make(key))))
+            entries.append((f"{name}.{key}", shape, dtype, (lambda key=key, module=module: _portable(module)[key])))
     _write_safetensors_streaming(directory / "model.safetensors", entries)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config = to_hf_dict(model.config, dtype)
@@ -527,11 +469,9 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     """Read a directory written by `save_quantized` into a quantized Transformer in eval mode.
 
     dtype: of the unquantized tensors and the activations (default: the file's). Memory: the quantized model
-    plus one tensor's conversion (int4: an int32 copy of one expert matrix while it is packed for the kernel).
+    plus the small unquantized tensors being converted to `dtype`.
     Raises CheckpointError naming the file and tensor for a missing, unexpected or misshapen tensor.
     """
-    from mixtral.io.checkpoint import SafetensorsReader
-
     directory = Path(path)
     settings = read_quantization_config(directory)
     if settings is None:
@@ -587,11 +527,12 @@ def _empty_module(w: torch.Tensor, mode: str, group_size: int, name: str, cls: t
     if mode == "int8":
         qweight = torch.empty(*lead, n, k, dtype=torch.int8, device="meta")
         scales = torch.empty(*lead, n, dtype=w.dtype, device="meta")
+        zeros = None
     else:
-        padded = n + _pad_rows(n)
-        qweight = torch.empty(*lead, padded, k // 2, dtype=torch.uint8, device="meta")
-        scales = torch.empty(*lead, k // group, padded, 2, dtype=w.dtype, device="meta")
-    return cls(mode, qweight, scales, group, n)
+        qweight = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device="meta")
+        scales = torch.empty(*lead, n, k // group, dtype=torch.bfloat16, device="meta")
+        zeros = torch.empty_like(scales)
+    return cls(mode, qweight, scales, zeros, group, n)
 
 
 def _read_into(model: Transformer, reader) -> None:
@@ -610,12 +551,17 @@ def _read_into(model: Transformer, reader) -> None:
         if tuple(reader.shape(name)) != shape or (dtype is not None and reader.dtype(name) != dtype):
             raise CheckpointError(f"{reader.path}: tensor {name!r} is {reader.dtype(name)} {list(reader.shape(name))},"
                                   f" expected {dtype or 'float'} {list(shape)}")
+    # Tensors are read straight into place where the bytes already have their final size, so the peak is the
+    # model plus one small tensor, not the model plus its biggest stack.
     with torch.no_grad():
         for name, tensor in plain.items():
-            tensor.copy_(reader.read(name))
-        for name, module in quantized.items():
-            if module.mode == "int8":  # straight into place: no second copy of the biggest tensors
-                reader.read(f"{name}.qweight", out=module.qweight)
-                module.scales.copy_(reader.read(f"{name}.scales"))
+            if reader.dtype(name) == tensor.dtype and tensor.is_contiguous():
+                reader.read(name, out=tensor)
             else:
-                _load_int4(module, {key: reader.read(f"{name}.{key}") for key in _file_shapes(module)})
+                tensor.copy_(reader.read(name))
+        for name, module in quantized.items():
+            reader.read(f"{name}.qweight", out=module.qweight)  # the file's layout is the kernels' layout
+            module.scales.copy_(reader.read(f"{name}.scales"))
+            if module.mode == "int4":
+                module.zeros.copy_(reader.read(f"{name}.zeros"))
+                module.refresh()

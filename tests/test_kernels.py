@@ -62,10 +62,10 @@ def test_bf16_decoding_through_the_kernel_matches_the_full_forward_pass():
 def _int4_weight(n, k, group, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = torch.rand(n, k // group, generator=g) * 0.01 + 1e-3
-    offset = torch.randn(n, k // group, generator=g) * 0.05
-    dequant = (q.view(n, k // group, group).float() * scale[..., None] + offset[..., None]).view(n, k)
-    return q, scale, offset, dequant
+    scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
+    zero = (torch.randn(n, k // group, generator=g) * 0.05).to(torch.bfloat16)
+    dequant = ((q.view(n, k // group, group).float() - 8) * scale.float()[..., None] + zero.float()[..., None])
+    return q, scale, zero, dequant.view(n, k)
 
 
 def test_int4_pack_round_trip():
@@ -73,14 +73,47 @@ def test_int4_pack_round_trip():
     packed = kernels.pack_int4(q)
     assert packed.shape == (6, 48) and packed.dtype == torch.uint8
     assert torch.equal(kernels.unpack_int4(packed), q)
+    # The layout gemv.c reads: byte i of a 32-weight block holds weights i and 16 + i.
+    assert packed[0, 0].item() == q[0, 0].item() | (q[0, 16].item() << 4)
+    assert torch.equal(kernels.unpack_int4(kernels.pack_int4(q[None]))[0], q)  # leading dimensions
 
 
 @needs_kernel
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("n,k,group", [(1, 32, 32), (9, 128, 64), (130, 256, 128), (64, 512, 32)])
 def test_gemv_int4_matches_dequantized_weights(m, n, k, group):
-    q, scale, offset, dequant = _int4_weight(n, k, group, m + n)
+    q, scale, zero, dequant = _int4_weight(n, k, group, m + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    got = kernels.gemv_int4(x, kernels.pack_int4(q), scale, kernels.int4_bias(scale, offset))
+    got = kernels.gemv_int4(x, kernels.pack_int4(q), scale, kernels.int4_bias(scale, zero))
     ref = F.linear(x.float(), dequant)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * k ** 0.5)
+
+
+needs_dequant = pytest.mark.skipif(not kernels.dequant_available(), reason="no C compiler here")
+
+
+@needs_dequant
+@pytest.mark.parametrize("n,k,group", [(1, 32, 32), (9, 128, 64), (130, 256, 128)])
+def test_dequant_int4_equals_the_formula_rounded_to_bf16(n, k, group):
+    q, scale, zero, dequant = _int4_weight(n, k, group, n)
+    assert torch.equal(kernels.dequant_int4(kernels.pack_int4(q), scale, zero), dequant.to(torch.bfloat16))
+
+
+@needs_dequant
+def test_dequant_int8_equals_the_formula_rounded_to_bf16():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (37, 96), generator=g, dtype=torch.int8)
+    scale = (torch.rand(37, generator=g) * 0.01).to(torch.bfloat16)
+    want = (q.float() * scale.float()[:, None]).to(torch.bfloat16)
+    assert torch.equal(kernels.dequant_int8(q, scale), want)
+
+
+@needs_dequant
+def test_dequant_scratch_is_reused_and_correct():
+    q, scale, zero, dequant = _int4_weight(40, 64, 32, 7)
+    first = kernels.dequant_int4(kernels.pack_int4(q), scale, zero, scratch=True)
+    assert torch.equal(first, dequant.to(torch.bfloat16))
+    q2, scale2, zero2, dequant2 = _int4_weight(20, 64, 32, 8)
+    second = kernels.dequant_int4(kernels.pack_int4(q2), scale2, zero2, scratch=True)
+    assert second.data_ptr() == first.data_ptr()  # the same memory: no new pages to fault in
+    assert torch.equal(second, dequant2.to(torch.bfloat16))

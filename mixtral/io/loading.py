@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mixtral import quant
 from mixtral.config import PRESETS, from_name
 from mixtral.errors import CheckpointError, InputError
 from mixtral.io.checkpoint import load_checkpoint
@@ -28,21 +29,34 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu", progress: bool = True, seed: int = 0) -> Transformer:
-    """A model from a checkpoint directory (HF or Mistral-native layout) or a preset name.
+         device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
+         quantize: str | None = None) -> Transformer:
+    """A model from a checkpoint directory (HF or Mistral-native layout, or one `mixtral.quant.save_quantized`
+    wrote) or a preset name.
 
     A preset gives a randomly initialised model (seeded with `seed`, float32 unless `dtype` says otherwise).
-    Raises CheckpointError/ConfigError with the file, key or preset at fault.
+    quantize: "int8" or "int4" quantizes the weights after loading (`mixtral.quant.quantize`, default settings;
+    peak memory: the unquantized model plus one quantized layer). A quantized checkpoint loads as it was saved.
+    Raises CheckpointError/ConfigError with the file, key or preset at fault; InputError for a bad `quantize`.
     """
     dtype = parse_dtype(dtype)
+    if quantize is not None and quantize not in quant.MODES:
+        raise InputError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(quant.MODES)}")
     path = Path(path_or_preset)
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not path.exists():
         model = Transformer(from_name(path_or_preset)).init_weights(seed)
-        return model.to(device=device, dtype=dtype or torch.float32).eval()
-    if not path.exists():
+        model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    elif not path.exists():
         raise CheckpointError(f"{str(path)!r} is neither an existing checkpoint directory nor a preset "
                               f"(presets: {', '.join(PRESETS)})")
-    return load_checkpoint(path, dtype=dtype, device=device, progress=progress)
+    elif (saved := quant.read_quantization_config(path)) is not None:
+        if quantize is not None and quantize != saved.get("mode"):
+            raise InputError(f"{path} is already quantized to {saved.get('mode')}; it cannot be quantized to "
+                             f"{quantize} (load the unquantized checkpoint instead)")
+        return quant.load_quantized(path, dtype=dtype, device=device)
+    else:
+        model = load_checkpoint(path, dtype=dtype, device=device, progress=progress)
+    return quant.quantize(model, quantize) if quantize is not None else model
 
 
 def load_tokenizer(path_or_preset: str | os.PathLike | None = None):

@@ -1,9 +1,12 @@
-"""Small CPU kernels for decoding, built at first use with the machine's C compiler and called through ctypes.
+"""Small CPU kernels, built at first use with the machine's C compiler and called through ctypes.
 
 `matmul(x, w)` computes x · wᵀ like `F.linear`. For a few rows of x and bf16 weights on a CPU with AVX512-BF16 it
 runs `gemv.c`, which reads each weight once for all rows (PyTorch's bf16 GEMM reaches about half the memory
 bandwidth at one token a step on these machines; see docs/performance.md). Everything else, and every machine
 where the kernel cannot be built, goes to `F.linear` — logged once, never silently wrong.
+
+`gemv_int4` is the same idea for group-wise int4 weights (`mixtral.quant`); `dequant_int4`/`dequant_int8` expand
+quantized weights to bf16 for products with many rows, and are built on every CPU (plain C).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,9 +42,6 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("MIXTRAL_KERNELS", "1") == "0":
         log.info("mixtral kernels disabled by MIXTRAL_KERNELS=0; using torch's linear")
         return None
-    if not _cpu_has("avx512_bf16"):
-        log.info("this CPU has no AVX512-BF16; decoding uses torch's linear")
-        return None
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source).hexdigest()[:16]
     cache = Path(os.environ.get("MIXTRAL_CACHE", Path.home() / ".cache" / "mixtral")) / "kernels"
@@ -59,6 +60,15 @@ def _library() -> ctypes.CDLL | None:
                 return None
             os.replace(out, lib)  # atomic: a concurrent process sees the whole library or none
     library = ctypes.CDLL(str(lib))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    library.dequant_int4.argtypes = [p, p, p, i, i, i, p, i]
+    library.dequant_int8.argtypes = [p, p, i, i, p, i]
+    library.dequant_int4.restype = library.dequant_int8.restype = None
+    if not _cpu_has("avx512_bf16"):
+        log.info("this CPU has no AVX512-BF16; decoding uses torch's linear")
+        library.has_gemv = False
+        return library
+    library.has_gemv = True
     library.gemv_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_int]
     library.gemv_bf16.restype = None
@@ -69,6 +79,13 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
+    """Whether the GEMV kernels (AVX512-BF16) run here."""
+    library = _library()
+    return library is not None and library.has_gemv
+
+
+def dequant_available() -> bool:
+    """Whether the dequantizers (any CPU with a C compiler) run here."""
     return _library() is not None
 
 
@@ -85,7 +102,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x · wᵀ for x [..., K] and w [N, K], in x's dtype: F.linear, or gemv.c where it is faster."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     if (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and not needs_grad and w.device.type == "cpu" and w.shape[1] % 32 == 0 and w.is_contiguous()
-            and x.numel() // w.shape[1] <= MAX_ROWS and _library() is not None):
+            and x.numel() // w.shape[1] <= MAX_ROWS and available()):
         flat = x.reshape(-1, w.shape[1]).contiguous()
         return gemv_bf16(flat, w).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
@@ -93,37 +110,39 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # ---- int4, group-wise ------------------------------------------------------------------------------------------
-# w[n, k] = q[n, k] * scale[n, g] + offset[n, g] for the group g = k // group_size, q in [0, 15].
+# w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g] for the group g = k // group_size, q in [0, 15]; scale and
+# zero bfloat16 (the convention of mixtral.quant's files).
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] integers in [0, 15] -> uint8 [N, K/2] in gemv.c's layout: for each block of 32 weights, byte i holds
-    weight i (low nibble) and weight 16 + i (high nibble). K must be a multiple of 32."""
-    n, k = q.shape
-    blocks = q.to(torch.uint8).view(n, k // 32, 2, 16)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+    """q [..., K] integers in [0, 15] -> uint8 [..., K/2] in gemv.c's layout: for each block of 32 weights, byte i
+    holds weight i (low nibble) and weight 16 + i (high nibble). K must be a multiple of 32."""
+    *lead, k = q.shape
+    blocks = q.to(torch.uint8).reshape(*lead, k // 32, 2, 16)
+    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).reshape(*lead, k // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_int4`: uint8 [N, K/2] -> uint8 [N, K] in [0, 15]."""
-    n, half = packed.shape
-    blocks = packed.view(n, half // 16, 16)
-    return torch.stack([blocks & 0xF, blocks >> 4], dim=2).reshape(n, half * 2)
+    """The inverse of `pack_int4`: uint8 [..., K/2] -> uint8 [..., K] in [0, 15]."""
+    *lead, half = packed.shape
+    blocks = packed.reshape(*lead, half // 16, 1, 16)
+    return torch.cat([blocks & 0xF, blocks >> 4], dim=-2).reshape(*lead, half * 2)
 
 
-def int4_bias(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """What `gemv_int4` adds back per group, [groups, N] float32: the offsets minus the 128 of the kernel's bias.
-    Computed once when a weight is quantized."""
-    return (offset - 128 * scale).t().contiguous().float()
+def int4_bias(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """What `gemv_int4` adds back per group, [..., groups, N] float32: zero - 8·scale (the value of q = 0) minus the
+    128·scale of the kernel's bias. Computed once when a weight is quantized or loaded."""
+    return (zero.float() - 136 * scale.float()).transpose(-1, -2).contiguous()
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x [M, K] · wᵀ for the int4 weight (packed uint8 [N, K/2], scale float32 [N, K/G], bias = `int4_bias(...)`)
-    -> [M, N] float32.
+    """x [M, K] · wᵀ for the int4 weight (packed uint8 [N, K/2], scale bfloat16 [N, K/G], bias = `int4_bias(...)`)
+    -> [M, N] float32. Contiguous CPU tensors; K and G multiples of 32.
 
     The kernel returns sum_g scale * sum (128 + q) x; the offsets and the 128 come back as one small product of
     the per-group sums of x with `bias` (see gemv.c)."""
     m, k = x.shape
     n, groups = scale.shape
+    assert scale.dtype == torch.bfloat16 and packed.dtype == torch.uint8
     x = x.to(torch.bfloat16).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     _library().gemv_int4(x.data_ptr(), m, packed.data_ptr(), scale.data_ptr(), n, k, k // groups, y.data_ptr(),
@@ -132,9 +151,38 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: 
     return y.addmm_(group_sums, bias)
 
 
-def int4_applies(x: torch.Tensor, packed: torch.Tensor, group_size: int) -> bool:
-    """Whether `gemv_int4` serves this product: a few rows, on a CPU where the kernels are built."""
-    k = packed.shape[1] * 2
-    return (packed.device.type == "cpu" and k % 32 == 0 and group_size % 32 == 0 and k % group_size == 0
-            and x.numel() // k <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
-            and _library() is not None)
+_scratch = threading.local()
+
+
+def _output(n: int, k: int, scratch: bool) -> torch.Tensor:
+    """A bf16 [n, k] tensor for a dequantizer to fill. With `scratch`, a view of one buffer per thread that the
+    next scratch call overwrites: a fresh 100+ MB tensor costs ten times the dequantization itself here (the
+    allocator maps new pages for it, and each first touch faults: 39 ms against 3.4 ms for 14336 x 4096)."""
+    if not scratch:
+        return torch.empty(n, k, dtype=torch.bfloat16)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < n * k:
+        buffer = _scratch.buffer = torch.empty(n * k, dtype=torch.bfloat16)
+    return buffer[: n * k].view(n, k)
+
+
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """The bf16 weight [N, K] of an int4 weight in `pack_int4`'s layout (scale, zero bfloat16 [N, K/G]).
+    scratch: write into this thread's reused buffer (valid until the next scratch call; not for autograd)."""
+    n, half = packed.shape
+    groups = scale.shape[1]
+    assert scale.dtype == zero.dtype == torch.bfloat16 and packed.dtype == torch.uint8
+    out = _output(n, half * 2, scratch)
+    _library().dequant_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, half * 2,
+                            half * 2 // groups, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def dequant_int8(q: torch.Tensor, scale: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """The bf16 weight [N, K] of an int8 weight q [N, K] with a bfloat16 scale per row [N]; scratch as in
+    `dequant_int4`."""
+    n, k = q.shape
+    assert scale.dtype == torch.bfloat16 and q.dtype == torch.int8
+    out = _output(n, k, scratch)
+    _library().dequant_int8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out

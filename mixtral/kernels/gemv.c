@@ -6,9 +6,27 @@
 //
 // bf16 weights: AVX512-BF16 `vdpbf16ps` multiplies pairs of bf16 values exactly and accumulates in float32.
 // Built at first use with the machine's compiler (-march=native); mixtral.kernels falls back to torch's own
-// kernels, and says so, where this cannot be built or the CPU lacks AVX512-BF16.
-#include <immintrin.h>
+// kernels, and says so, where this cannot be built or the CPU lacks AVX512-BF16. The dequantizers at the end are
+// plain C (the compiler vectorizes them) and are built on every CPU.
 #include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
 
 #define MAX_ROWS 4   // rows of x held in registers at once: 4 weight rows x 4 accumulators + loads < 32 zmm
 
@@ -55,7 +73,8 @@ void gemv_bf16(const uint16_t *x, int M, const uint16_t *W, int N, int K, float 
     }
 }
 
-// int4 weights, group-wise: w[n, k] = q[n, k] * s[n, g] + b[n, g] for k in group g (G weights, a multiple of 32).
+// int4 weights, group-wise: w[n, k] = q[n, k] * s[n, g] + b[n, g] for k in group g (G weights, a multiple of 32);
+// s in bfloat16.
 // Packing: for each block of 32 weights, 16 bytes; byte i holds q[32j + i] (low nibble) and q[32j + 16 + i]
 // (high nibble). A nibble q becomes the bf16 number 128 + q by OR-ing in the exponent bits of 128 (0x4300):
 // exact, and one `vdpbf16ps` then multiplies 32 weights at once. This returns, per group, the scaled sums
@@ -63,7 +82,7 @@ void gemv_bf16(const uint16_t *x, int M, const uint16_t *W, int N, int K, float 
 // and the caller adds sum_g (b[n, g] - 128 s[n, g]) * sum_{k in g} x[m, k], a small product done in torch.
 // MB (rows of x) is a compile-time constant in each instance, so the accumulators stay in registers.
 static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xm, const int MB, const uint8_t *Q,
-                                                            const float *S, int K, int G, float *y, int ldy,
+                                                            const uint16_t *S, int K, int G, float *y, int ldy,
                                                             int n0, int n1) {
     const __m256i low = _mm256_set1_epi16(0x000F);
     const __m512i magic = _mm512_set1_epi16(0x4300);
@@ -71,7 +90,7 @@ static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xm, 
     for (int n = n0; n < n1; n += 2) {
         int nb = n1 - n < 2 ? n1 - n : 2;
         const uint8_t *q0 = Q + (long)n * (K / 2), *q1 = Q + (long)(n + nb - 1) * (K / 2);
-        const float *s0 = S + (long)n * groups, *s1 = S + (long)(n + nb - 1) * groups;
+        const uint16_t *s0 = S + (long)n * groups, *s1 = S + (long)(n + nb - 1) * groups;
         __m512 total0[MAX_ROWS], total1[MAX_ROWS];
         for (int m = 0; m < MB; m++) { total0[m] = _mm512_setzero_ps(); total1[m] = _mm512_setzero_ps(); }
         for (int g = 0; g < groups; g++) {
@@ -90,7 +109,7 @@ static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xm, 
                     acc1[m] = _mm512_dpbf16_ps(acc1[m], a1, xv);
                 }
             }
-            __m512 sc0 = _mm512_set1_ps(s0[g]), sc1 = _mm512_set1_ps(s1[g]);
+            __m512 sc0 = _mm512_set1_ps(bf16_to_float(s0[g])), sc1 = _mm512_set1_ps(bf16_to_float(s1[g]));
             for (int m = 0; m < MB; m++) {
                 total0[m] = _mm512_fmadd_ps(sc0, acc0[m], total0[m]);
                 total1[m] = _mm512_fmadd_ps(sc1, acc1[m], total1[m]);
@@ -103,7 +122,7 @@ static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xm, 
     }
 }
 
-static void int4_block(const uint16_t *x, int M, const uint8_t *Q, const float *S, int K, int G, float *y, int ldy,
+static void int4_block(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, int K, int G, float *y, int ldy,
                        int n0, int n1) {
     for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
         const uint16_t *xm = x + (long)m0 * K;
@@ -117,8 +136,8 @@ static void int4_block(const uint16_t *x, int M, const uint8_t *Q, const float *
     }
 }
 
-// K and G multiples of 32, G divides K (the caller checks). x is bf16 [M, K]; Q is uint8 [N, K/2]; S float [N, K/G].
-void gemv_int4(const uint16_t *x, int M, const uint8_t *Q, const float *S, int N, int K, int G, float *y,
+// K and G multiples of 32, G divides K (the caller checks). x is bf16 [M, K]; Q is uint8 [N, K/2]; S bf16 [N, K/G].
+void gemv_int4(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, int N, int K, int G, float *y,
                int threads) {
     const int block = 64;
     int blocks = (N + block - 1) / block;
@@ -126,5 +145,67 @@ void gemv_int4(const uint16_t *x, int M, const uint8_t *Q, const float *S, int N
     for (int b = 0; b < blocks; b++) {
         int n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
         int4_block(x, M, Q, S, K, G, y, N, n0, n1);
+    }
+}
+#endif  // AVX512-BF16
+
+// ---- dequantizers: quantized weights -> bf16 [N, K], for products with many rows (prefill), where one GEMM on
+// the bf16 weight beats any kernel that unpacks integers in its inner loop. AVX512 where the CPU has it (the plain
+// loops do not vectorize: 1.5 ns a weight), plain C elsewhere; both compute (q - 8) * s, then + z, in float32 and
+// round to nearest even, so they agree with each other and with mixtral.quant.dequantize_int4 bit for bit.
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+static inline void int4_expand16(__m128i bytes, int shift, __m512 s, __m512 z, uint16_t *out) {
+    __m512i q = _mm512_and_si512(_mm512_srli_epi32(_mm512_cvtepu8_epi32(bytes), shift), _mm512_set1_epi32(15));
+    __m512 w = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))), s), z);
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(w));
+}
+#endif
+
+// int4 in gemv_int4's packing, w = (q - 8) * s[n, g] + z[n, g], s and z bf16 [N, K/G].
+void dequant_int4(const uint8_t *Q, const uint16_t *S, const uint16_t *Z, int N, int K, int G, uint16_t *out,
+                  int threads) {
+    const int groups = K / G;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *q = Q + (long)n * (K / 2);
+        uint16_t *o = out + (long)n * K;
+        for (int g = 0; g < groups; g++) {
+            const float s = bf16_to_float(S[(long)n * groups + g]), z = bf16_to_float(Z[(long)n * groups + g]);
+            for (int b = g * G; b < (g + 1) * G; b += 32) {
+                const uint8_t *qb = q + b / 2;
+                uint16_t *ob = o + b;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+                __m128i bytes = _mm_loadu_si128((const __m128i *)qb);
+                int4_expand16(bytes, 0, _mm512_set1_ps(s), _mm512_set1_ps(z), ob);
+                int4_expand16(bytes, 4, _mm512_set1_ps(s), _mm512_set1_ps(z), ob + 16);
+#else
+                for (int i = 0; i < 16; i++) {
+                    float lo = (float)((qb[i] & 15) - 8) * s, hi = (float)((qb[i] >> 4) - 8) * s;
+                    ob[i] = float_to_bf16(lo + z);
+                    ob[16 + i] = float_to_bf16(hi + z);
+                }
+#endif
+            }
+        }
+    }
+}
+
+// int8, per output channel: w = q * s[n], s bf16 [N].
+void dequant_int8(const int8_t *Q, const uint16_t *S, int N, int K, uint16_t *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float s = bf16_to_float(S[n]);
+        const int8_t *q = Q + (long)n * K;
+        uint16_t *o = out + (long)n * K;
+        int k = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+        for (; k + 16 <= K; k += 16) {
+            __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k)))),
+                                     _mm512_set1_ps(s));
+            _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+#endif
+        for (; k < K; k++) o[k] = float_to_bf16((float)q[k] * s);
     }
 }

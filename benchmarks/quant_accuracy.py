@@ -1,0 +1,187 @@
+"""What int8 and int4 weight-only quantization cost in accuracy, and what their kernels gain in time.
+
+Accuracy: one model (default: the random-init preset "small" in bf16; --model PATH for a checkpoint) runs
+held-out text (default: modules of Python's standard library, which every machine has) in windows, unquantized
+and quantized; for each setting, against the unquantized run:
+    rel err    ‖logits - logits_ref‖ / ‖logits_ref‖ over all positions (float32)
+               (the fp32 row, the same model unrounded, shows how much mere bf16 rounding moves this model)
+    max |Δ|    the largest logit difference
+    ppl, Δppl  perplexity of the next token within each window, and its change
+    top-1      how often the argmax agrees with the reference
+A random-init model's perplexity is about its vocabulary (its predictions are noise); only the changes mean
+something there, and they overstate a trained model's (random weights have no outliers to protect, but no
+structure to lose either).
+
+--kernels: milliseconds of one product through Mixtral-8x7B's fused w1+w3 (28672 x 4096) and w2 (4096 x 14336)
+at 1 and 16 rows, bf16 F.linear (and mixtral.kernels.matmul, the model's bf16 path) against int8 and int4 at each
+group size, as the model calls them (`QuantizedWeight.linear`, casts included).
+
+    python benchmarks/quant_accuracy.py
+    python benchmarks/quant_accuracy.py --kernels --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mixtral
+from mixtral import kernels, quant
+
+STDLIB_FILES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py", "typing.py",
+                "pathlib.py", "json/decoder.py", "collections/__init__.py", "logging/__init__.py")
+
+
+def held_out_tokens(files: list[str] | None, n_tokens: int) -> torch.Tensor:
+    """The first `n_tokens` ids of the files (default: standard-library modules), Mixtral tokenizer."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    paths = [Path(f) for f in files] if files else [stdlib / f for f in STDLIB_FILES if (stdlib / f).exists()]
+    tokenizer = mixtral.load_tokenizer()
+    ids: list[int] = []
+    for path in paths:
+        ids += tokenizer.encode(path.read_text(errors="replace"), bos=not ids)
+        if len(ids) >= n_tokens:
+            return torch.tensor(ids[:n_tokens])
+    raise SystemExit(f"only {len(ids)} tokens in {', '.join(map(str, paths))}; pass --tokens or more --text")
+
+
+@torch.no_grad()
+def logits_of(model, windows: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([model(windows[i:i + batch]).float() for i in range(0, len(windows), batch)])
+
+
+def metrics(logits: torch.Tensor, ref: torch.Tensor, windows: torch.Tensor) -> dict[str, float]:
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return {"rel": ((logits - ref).norm() / ref.norm()).item(), "max": (logits - ref).abs().max().item(),
+            "ppl": math.exp(nll.item()), "top1": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+
+
+def quantized_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    windows = held_out_tokens(args.text, args.tokens).view(-1, args.window)
+    settings = [("none", None)] + [(m, g) for m in args.modes.split(",")
+                                   for g in ([None] if m == "int8" else [int(g) for g in args.group_sizes.split(",")])]
+    if args.dtype not in ("fp32", "float32"):
+        settings.insert(1, ("fp32", None))  # how far mere rounding moves this model: the scale for the rest
+    print(f"model {args.model} ({args.dtype}), {windows.numel()} tokens in {len(windows)} windows of {args.window}")
+    print(f"{'weights':<12}{'MB':>8}{'rel err':>10}{'max |Δ|':>10}{'ppl':>12}{'Δppl':>9}{'top-1':>8}{'s':>7}")
+    ref = base_ppl = None
+    for mode, group in settings:
+        model = mixtral.load(args.model, dtype="fp32" if mode == "fp32" else args.dtype, progress=False)
+        if mode in quant.MODES:
+            quant.quantize(model, mode, group_size=group or 128)
+        start = time.perf_counter()
+        logits = logits_of(model, windows, args.batch)
+        seconds = time.perf_counter() - start
+        if ref is None:
+            ref = logits
+        m = metrics(logits, ref, windows)
+        base_ppl = base_ppl or m["ppl"]
+        name = {"none": args.dtype, "fp32": "fp32"}.get(mode, mode + (f" g{group}" if group else ""))
+        print(f"{name:<12}{quantized_bytes(model) / 1e6:>8.1f}{m['rel']:>10.4f}{m['max']:>10.3f}{m['ppl']:>12.1f}"
+              f"{100 * (m['ppl'] / base_ppl - 1):>+8.2f}%{100 * m['top1']:>7.1f}%{seconds:>7.1f}", flush=True)
+        del model
+
+
+class OtherProcesses:
+    """How much CPU the rest of the machine took since this was made (Linux /proc/stat), to flag timings taken
+    beside another busy process."""
+
+    def __init__(self):
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        mine = sum(os.times()[:2])
+        return busy - mine, sum(fields) / os.sysconf("SC_CLK_TCK")
+
+    def share(self) -> float | None:
+        now = self._now()
+        if now is None or self.start is None or now[1] == self.start[1]:
+            return None
+        return max(0.0, (now[0] - self.start[0]) / (now[1] - self.start[1]))
+
+
+def best_of(candidates: dict, x: torch.Tensor, min_seconds: float) -> dict[str, float]:
+    """Fastest milliseconds of each candidate on x, timed in interleaved rounds for about `min_seconds` each (at
+    least 5 rounds), after a warm-up round. The minimum, not the median: on a shared machine other processes only
+    ever add time, and interleaving spreads what they add over all candidates alike."""
+    best = {name: float("inf") for name in candidates}
+    for fn in candidates.values():
+        fn(x)
+    start, rounds = time.perf_counter(), 0
+    while time.perf_counter() - start < min_seconds * len(candidates) or rounds < 5:
+        for name, fn in candidates.items():
+            t = time.perf_counter()
+            fn(x)
+            best[name] = min(best[name], time.perf_counter() - t)
+        rounds += 1
+    return {name: 1000 * t for name, t in best.items()}
+
+
+def kernel_timings(args: argparse.Namespace) -> None:
+    groups = [int(g) for g in args.group_sizes.split(",")]
+    rows = [int(r) for r in args.rows.split(",")]
+    others = OtherProcesses()
+    names = ["bf16 F.linear", "bf16 mixtral"] + ["int8"] + [f"int4 g{g}" for g in groups]
+    print(f"{'weight':<14}{'rows':>5}" + "".join(f"{n:>15}" for n in names) + "   (best ms; speedup vs bf16 F.linear)")
+    for n, k in [(28672, 4096), (4096, 14336)]:  # w1+w3 fused, w2 of Mixtral-8x7B
+        g = torch.Generator().manual_seed(0)
+        w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
+        candidates = {"bf16 F.linear": lambda x: F.linear(x, w), "bf16 mixtral": lambda x: kernels.matmul(x, w)}
+        for mode, group in [("int8", None)] + [("int4", g) for g in groups]:
+            linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+            linear.weight.data = w
+            candidates["int8" if mode == "int8" else f"int4 g{group}"] = quant.quantize_linear(linear, mode,
+                                                                                                group_size=group or 128)
+        for m in rows:
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            ms = best_of(candidates, x, args.min_seconds)
+            cells = "".join(f"{ms[name]:>8.2f} {ms['bf16 F.linear'] / ms[name]:>4.1f}x" for name in names)
+            print(f"{n}x{k:<8}{m:>5}{cells}", flush=True)
+    print(f"# other processes used {others.share():.0%} of the CPUs meanwhile" if others.share() is not None else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", help="preset or checkpoint directory (default: small)")
+    parser.add_argument("--dtype", default="bf16", help="dtype of the unquantized model (default: bf16)")
+    parser.add_argument("--text", nargs="*", metavar="FILE", help="held-out text files (default: stdlib modules)")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of held-out text (default: 4096)")
+    parser.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
+    parser.add_argument("--batch", type=int, default=4, help="windows per forward pass (default: 4)")
+    parser.add_argument("--modes", default="int8,int4", help="comma-separated (default: int8,int4)")
+    parser.add_argument("--group-sizes", default="32,64,128,256", help="int4 group sizes (default: all four)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--kernels", action="store_true", help="time the kernels instead of measuring accuracy")
+    parser.add_argument("--rows", default="1,16", help="rows of x for --kernels (default: 1,16)")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="timing per cell for --kernels")
+    args = parser.parse_args(argv)
+    if args.tokens % args.window:
+        parser.error(f"--tokens {args.tokens} is not a multiple of --window {args.window}")
+    torch.set_num_threads(args.threads)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {datetime.date.today()}  python benchmarks/quant_accuracy.py {command}"
+          f"  torch {torch.__version__}  threads {args.threads}  cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    kernel_timings(args) if args.kernels else accuracy(args)
+
+
+if __name__ == "__main__":
+    main()
