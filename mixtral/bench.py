@@ -740,6 +740,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, bench: Callable[[argparse.Namespace], dict]) -> int:
+    if _transformers_version() is None:
+        raise InputError("mixtral bench times ours against transformers, which is not installed; install the test "
+                         "extra: pip install -e '.[test]' (or pip install transformers)")
     if args.threads < 1 or args.repeats < 1:
         raise InputError(f"--threads and --repeats must be at least 1, got {args.threads} and {args.repeats}")
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""The `mixtral` command: generate, chat, info, convert, bench.
+"""The `mixtral` command: generate, chat, info, convert, bench, data.
 
 A thin layer over the library: every subcommand parses its arguments, calls `mixtral.load`, the tokenizer and
 `mixtral.generate`, and prints. User mistakes arrive as `mixtral.errors.MixtralError` and are turned into one
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mixtral.bench import add_bench_parser
+from mixtral.data.prepare import add_data_parser
 from mixtral.config import PRESETS, ModelConfig
 from mixtral.errors import CheckpointError, ContextLengthError, InputError, MixtralError, TokenizerError
 from mixtral.generate import check_sampling, complete, stream_text
@@ -501,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     add_bench_parser(commands)
+    add_data_parser(commands)
     return parser
 
 
