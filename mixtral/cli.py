@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 from mixtral.bench import add_bench_parser
 from mixtral.data.prepare import add_data_parser
+from mixtral.train.cli import add_train_parser
 from mixtral.config import PRESETS, ModelConfig
 from mixtral.errors import CheckpointError, ContextLengthError, InputError, MixtralError, TokenizerError
 from mixtral.generate import check_sampling, complete, stream_text
@@ -502,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     add_bench_parser(commands)
+    add_train_parser(commands)
     add_data_parser(commands)
     return parser
 
