@@ -47,6 +47,32 @@ def test_load_balancing_with_padding_equals_transformers(top_k):
     assert load_balancing_loss(changed, top_k).item() != pytest.approx(ours.item(), abs=1e-3)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_per_layer_load_balancing_is_the_mean_of_transformers_per_layer(masked):
+    logits = _logits(batch=4, seq=7)
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    mask = mask if masked else None
+    ours = load_balancing_loss(logits, 2, mask, mode="per-layer")
+    theirs = sum(load_balancing_loss_func((t,), 8, 2, mask) for t in logits) / len(logits)
+    assert abs(ours.item() - theirs.item()) <= 1e-6
+
+
+def test_pooling_hides_layers_that_each_collapsed():
+    # PITFALLS 2: each layer sends every token to its own pair of experts; pooled, the layers look balanced.
+    layers = []
+    for pair in range(4):
+        logits = torch.zeros(32, 8)
+        logits[:, 2 * pair] = logits[:, 2 * pair + 1] = 5.0
+        layers.append(logits)
+    pooled = load_balancing_loss(layers, 2, mode="pooled").item()
+    per_layer = load_balancing_loss(layers, 2, mode="per-layer").item()
+    assert pooled == pytest.approx(2.0, abs=0.05)  # the balanced value
+    assert per_layer > 3 * pooled  # each layer alone is badly unbalanced
+    with pytest.raises(ValueError, match="mode"):
+        load_balancing_loss(layers, 2, mode="mean")
+
+
 def test_load_balancing_of_a_balanced_router_is_top_k():
     # Every token's probabilities uniform except a tiny tilt that spreads the top-2 choices evenly.
     n_experts, top_k = 8, 2

@@ -73,7 +73,7 @@ def _library() -> ctypes.CDLL | None:
                                   ctypes.c_void_p, ctypes.c_int]
     library.gemv_bf16.restype = None
     library.gemv_int4.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     library.gemv_int4.restype = None
     return library
 
@@ -144,9 +144,12 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: 
     n, groups = scale.shape
     assert scale.dtype == torch.bfloat16 and packed.dtype == torch.uint8
     x = x.to(torch.bfloat16).contiguous()
+    pairs = (k // groups) % 64 == 0
+    # The two-block kernel reads each 64 values of x as [0-15, 32-47, 16-31, 48-63] (see gemv.c).
+    xk = x.view(m, k // 64, 2, 2, 16).transpose(2, 3).contiguous() if pairs else x
     y = torch.empty(m, n, dtype=torch.float32)
-    _library().gemv_int4(x.data_ptr(), m, packed.data_ptr(), scale.data_ptr(), n, k, k // groups, y.data_ptr(),
-                         torch.get_num_threads())
+    _library().gemv_int4(xk.data_ptr(), m, packed.data_ptr(), scale.data_ptr(), n, k, k // groups, y.data_ptr(),
+                         torch.get_num_threads(), int(pairs))
     group_sums = x.float().view(m, groups, k // groups).sum(-1)  # [M, groups]
     return y.addmm_(group_sums, bias)
 

@@ -122,29 +122,90 @@ static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xm, 
     }
 }
 
-static void int4_block(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, int K, int G, float *y, int ldy,
-                       int n0, int n1) {
-    for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        const uint16_t *xm = x + (long)m0 * K;
-        float *ym = y + (long)m0 * ldy;
-        switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {
-            case 1: int4_rows(xm, 1, Q, S, K, G, ym, ldy, n0, n1); break;
-            case 2: int4_rows(xm, 2, Q, S, K, G, ym, ldy, n0, n1); break;
-            case 3: int4_rows(xm, 3, Q, S, K, G, ym, ldy, n0, n1); break;
-            default: int4_rows(xm, 4, Q, S, K, G, ym, ldy, n0, n1); break;
+// The same product, two blocks (64 weights, 32 bytes) per step, for G a multiple of 64. Widening 32 bytes to 32
+// 16-bit lanes puts the low nibbles of both blocks in one register ((v & 15) | 0x4300, one ternary-logic op) and
+// the high nibbles in another (v >> 4 | 0x4300): 5 instructions unpack 64 weights where `int4_rows` needs 14 (the
+// unpacking, not memory, bounds that kernel). x must be given permuted to match, each 64 values as
+// [0-15, 32-47, 16-31, 48-63] (`gemv_int4_pairs`' caller does it). Low and high halves accumulate separately so
+// that one row of x still has four independent chains.
+static inline __attribute__((always_inline)) void int4_rows_pairs(const uint16_t *xm, const int MB, const uint8_t *Q,
+                                                                  const uint16_t *S, int K, int G, float *y,
+                                                                  int ldy, int n0, int n1) {
+    const __m512i low = _mm512_set1_epi16(0x000F);
+    const __m512i magic = _mm512_set1_epi16(0x4300);
+    const int groups = K / G;
+    for (int n = n0; n < n1; n += 2) {
+        int nb = n1 - n < 2 ? n1 - n : 2;
+        const uint8_t *q0 = Q + (long)n * (K / 2), *q1 = Q + (long)(n + nb - 1) * (K / 2);
+        const uint16_t *s0 = S + (long)n * groups, *s1 = S + (long)(n + nb - 1) * groups;
+        __m512 total0[MAX_ROWS], total1[MAX_ROWS];
+        for (int m = 0; m < MB; m++) { total0[m] = _mm512_setzero_ps(); total1[m] = _mm512_setzero_ps(); }
+        for (int g = 0; g < groups; g++) {
+            __m512 lo0[MAX_ROWS], hi0[MAX_ROWS], lo1[MAX_ROWS], hi1[MAX_ROWS];
+            for (int m = 0; m < MB; m++) {
+                lo0[m] = _mm512_setzero_ps(); hi0[m] = _mm512_setzero_ps();
+                lo1[m] = _mm512_setzero_ps(); hi1[m] = _mm512_setzero_ps();
+            }
+            for (int k = g * G; k < (g + 1) * G; k += 64) {
+                __m512i v0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q0 + k / 2)));
+                __m512i v1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q1 + k / 2)));
+                __m512bh a0 = (__m512bh)_mm512_ternarylogic_epi32(v0, low, magic, 0xEA);  // (v & low) | magic
+                __m512bh b0 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v0, 4), magic);
+                __m512bh a1 = (__m512bh)_mm512_ternarylogic_epi32(v1, low, magic, 0xEA);
+                __m512bh b1 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v1, 4), magic);
+                for (int m = 0; m < MB; m++) {
+                    __m512bh xa = (__m512bh)_mm512_loadu_si512(xm + (long)m * K + k);
+                    __m512bh xb = (__m512bh)_mm512_loadu_si512(xm + (long)m * K + k + 32);
+                    lo0[m] = _mm512_dpbf16_ps(lo0[m], a0, xa);
+                    hi0[m] = _mm512_dpbf16_ps(hi0[m], b0, xb);
+                    lo1[m] = _mm512_dpbf16_ps(lo1[m], a1, xa);
+                    hi1[m] = _mm512_dpbf16_ps(hi1[m], b1, xb);
+                }
+            }
+            __m512 sc0 = _mm512_set1_ps(bf16_to_float(s0[g])), sc1 = _mm512_set1_ps(bf16_to_float(s1[g]));
+            for (int m = 0; m < MB; m++) {
+                total0[m] = _mm512_fmadd_ps(sc0, _mm512_add_ps(lo0[m], hi0[m]), total0[m]);
+                total1[m] = _mm512_fmadd_ps(sc1, _mm512_add_ps(lo1[m], hi1[m]), total1[m]);
+            }
+        }
+        for (int m = 0; m < MB; m++) {
+            y[(long)m * ldy + n] = _mm512_reduce_add_ps(total0[m]);
+            if (nb == 2) y[(long)m * ldy + n + 1] = _mm512_reduce_add_ps(total1[m]);
         }
     }
 }
 
+#define INT4_DISPATCH(ROWS)                                                                             \
+    for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                          \
+        const uint16_t *xm = x + (long)m0 * K;                                                          \
+        float *ym = y + (long)m0 * ldy;                                                                 \
+        switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {                                                \
+            case 1: ROWS(xm, 1, Q, S, K, G, ym, ldy, n0, n1); break;                                    \
+            case 2: ROWS(xm, 2, Q, S, K, G, ym, ldy, n0, n1); break;                                    \
+            case 3: ROWS(xm, 3, Q, S, K, G, ym, ldy, n0, n1); break;                                    \
+            default: ROWS(xm, 4, Q, S, K, G, ym, ldy, n0, n1); break;                                   \
+        }                                                                                               \
+    }
+
+static void int4_block(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, int K, int G, float *y, int ldy,
+                       int n0, int n1, int pairs) {
+    if (pairs) {
+        INT4_DISPATCH(int4_rows_pairs)
+    } else {
+        INT4_DISPATCH(int4_rows)
+    }
+}
+
 // K and G multiples of 32, G divides K (the caller checks). x is bf16 [M, K]; Q is uint8 [N, K/2]; S bf16 [N, K/G].
+// pairs: G is a multiple of 64 and x is permuted as `int4_rows_pairs` needs.
 void gemv_int4(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, int N, int K, int G, float *y,
-               int threads) {
+               int threads, int pairs) {
     const int block = 64;
     int blocks = (N + block - 1) / block;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int b = 0; b < blocks; b++) {
         int n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
-        int4_block(x, M, Q, S, K, G, y, N, n0, n1);
+        int4_block(x, M, Q, S, K, G, y, N, n0, n1, pairs);
     }
 }
 #endif  // AVX512-BF16

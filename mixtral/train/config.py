@@ -78,6 +78,7 @@ class OptimSection:
 @dataclass
 class RouterSection:
     aux_loss_coef: float = 0.01  # load balancing (Switch Transformer; Mixtral's published config uses 0.02)
+    aux_loss_mode: str = "per-layer"  # or "pooled", as transformers computes it (mixtral.train.losses)
     z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
     jitter: float = 0.0  # multiplicative noise on the router input (Switch uses 0.01); 0 is off
     capacity_factor: float | None = None  # None: dropless; Switch's default when enabled is 1.25
@@ -329,6 +330,7 @@ def check(config: TrainConfig, source: str = "config") -> None:
     need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
     r = config.router
     need(r.aux_loss_coef >= 0, "router.aux_loss_coef", "must be >= 0 (0 turns it off)")
+    need(r.aux_loss_mode in ("per-layer", "pooled"), "router.aux_loss_mode", "must be \"per-layer\" or \"pooled\"")
     need(r.z_loss_coef >= 0, "router.z_loss_coef", "must be >= 0 (0 turns it off)")
     need(0 <= r.jitter < 1, "router.jitter", "must be in [0, 1)")
     need(r.capacity_factor is None or r.capacity_factor > 0, "router.capacity_factor",

@@ -125,7 +125,8 @@ def set_router_options(model: Transformer, config: TrainConfig) -> None:
 
 
 def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, aux_loss_coef: float,
-            z_loss_coef: float, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, list]:
+            z_loss_coef: float, attention_mask: torch.Tensor | None = None,
+            aux_loss_mode: str = "per-layer") -> tuple[torch.Tensor, dict, list]:
     """(loss, parts, routing) of one batch: next-token cross-entropy plus the router's auxiliary losses.
 
     The auxiliary losses are on whenever the model has a router and their coefficient is not zero (PITFALLS 3):
@@ -136,7 +137,7 @@ def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, aux
     loss, parts = ce, {"ce": ce, "lb": None, "z": None}
     logits = [r.logits for r in routing]
     if logits and aux_loss_coef > 0:
-        parts["lb"] = load_balancing_loss(logits, model.config.top_k, attention_mask)
+        parts["lb"] = load_balancing_loss(logits, model.config.top_k, attention_mask, aux_loss_mode)
         loss = loss + aux_loss_coef * parts["lb"]
     if logits and z_loss_coef > 0:
         parts["z"] = z_loss(logits, attention_mask)
@@ -430,7 +431,7 @@ def _train(config: TrainConfig, train_data: Shards | None, val_data: Shards | No
     log.info("model: %.1fM parameters (%.1fM active), %s", total / 1e6, active / 1e6,
              "dense" if not model_config.is_moe else
              f"{model_config.n_experts} experts, top-{model_config.top_k}, router "
-             f"{'trains' if r.train else 'frozen'}, load balancing {r.aux_loss_coef}, z-loss {r.z_loss_coef}, "
+             f"{'trains' if r.train else 'frozen'}, load balancing {r.aux_loss_coef} ({r.aux_loss_mode}), z-loss {r.z_loss_coef}, "
              f"jitter {r.jitter}, {f'capacity factor {r.capacity_factor}' if r.capacity_factor else 'dropless'}")
     if step >= config.train.steps:
         log.info("%s is already at step %d of %d; nothing to do", out, step, config.train.steps)
@@ -453,7 +454,7 @@ def _train(config: TrainConfig, train_data: Shards | None, val_data: Shards | No
                 inputs, targets = inputs.to(device), targets.to(device)
                 with autocast(config):
                     loss, parts, routing = lm_loss(model, inputs, targets, config.router.aux_loss_coef,
-                                                   config.router.z_loss_coef)
+                                                   config.router.z_loss_coef, aux_loss_mode=config.router.aux_loss_mode)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise DivergedError(f"the loss is {value} at step {step + 1} (micro-batch {micro}); stopping "
