@@ -17,6 +17,7 @@ at 1 and 16 rows, bf16 F.linear (and mixtral.kernels.matmul, the model's bf16 pa
 group size, as the model calls them (`QuantizedWeight.linear`, casts included).
 
     python benchmarks/quant_accuracy.py
+    python benchmarks/quant_accuracy.py --model default --corpus data/corpus   # the trained default model
     python benchmarks/quant_accuracy.py --kernels --threads 2
 """
 from __future__ import annotations
@@ -38,6 +39,16 @@ from mixtral import kernels, quant
 
 STDLIB_FILES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py", "typing.py",
                 "pathlib.py", "json/decoder.py", "collections/__init__.py", "logging/__init__.py")
+
+
+def corpus_windows(directory: str, n_tokens: int, window: int) -> torch.Tensor:
+    """Validation windows of a prepared corpus (`mixtral data prepare`), the same number from each domain."""
+    from mixtral.data.shards import TokenShards
+
+    val = TokenShards(directory, "val")
+    per_domain = max(1, n_tokens // window // len(val.domains))
+    rows = [inputs for d in val.domains for inputs, _ in val.windows(d, window, per_domain)]
+    return torch.stack(rows)
 
 
 def held_out_tokens(files: list[str] | None, n_tokens: int) -> torch.Tensor:
@@ -69,7 +80,10 @@ def quantized_bytes(model) -> int:
 
 
 def accuracy(args: argparse.Namespace) -> None:
-    windows = held_out_tokens(args.text, args.tokens).view(-1, args.window)
+    if args.corpus:
+        windows = corpus_windows(args.corpus, args.tokens, args.window)
+    else:
+        windows = held_out_tokens(args.text, args.tokens).view(-1, args.window)
     settings = [("none", None)] + [(m, g) for m in args.modes.split(",")
                                    for g in ([None] if m == "int8" else [int(g) for g in args.group_sizes.split(",")])]
     if args.dtype not in ("fp32", "float32"):
@@ -163,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="small", help="preset or checkpoint directory (default: small)")
     parser.add_argument("--dtype", default="bf16", help="dtype of the unquantized model (default: bf16)")
     parser.add_argument("--text", nargs="*", metavar="FILE", help="held-out text files (default: stdlib modules)")
+    parser.add_argument("--corpus", metavar="DIR", help="use the validation split of this prepared corpus instead "
+                                                        "(e.g. data/corpus for the default model, which trained on "
+                                                        "the standard library)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of held-out text (default: 4096)")
     parser.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass (default: 4)")

@@ -727,6 +727,9 @@ def _add_bench_commands(parser: argparse.ArgumentParser) -> None:
     common(p, repeats=3)
     p.set_defaults(run=run_e2e)
 
+    from mixtral.serve.bench import add_serve_benchmark  # the server sits above the benchmarks: imported late
+    add_serve_benchmark(commands)
+
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench` (with `moe` and `e2e` under it) on the subparsers of the `mixtral` command."""
@@ -734,7 +737,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                               description="Benchmarks that print ours against transformers from one run.",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="examples:\n  mixtral bench moe --tokens 1,16,512\n  mixtral bench e2e\n"
-                                     "Run 'mixtral bench moe --help' or 'mixtral bench e2e --help' for the options.")
+                                     "  mixtral bench serve\n"
+                                     "Run 'mixtral bench BENCHMARK --help' for the options of each.")
     _add_bench_commands(p)
     return p
 
@@ -746,7 +750,11 @@ def _run(args: argparse.Namespace, bench: Callable[[argparse.Namespace], dict]) 
     if args.threads < 1 or args.repeats < 1:
         raise InputError(f"--threads and --repeats must be at least 1, got {args.threads} and {args.repeats}")
     torch.set_num_threads(args.threads)
-    result = bench(args)
+    return report(args, bench(args))
+
+
+def report(args: argparse.Namespace, result: dict) -> int:
+    """Close a benchmark's output (load average, --json) and return its exit code: 1 when a check failed."""
     result["loadavg_end"] = load_average()
     print(f"# load average at the end: {result['loadavg_end']}")
     if args.json:

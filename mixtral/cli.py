@@ -1,4 +1,4 @@
-"""The `mixtral` command: generate, chat, info, convert, bench, data.
+"""The `mixtral` command: generate, chat, info, convert, bench, train, data, routes.
 
 A thin layer over the library: every subcommand parses its arguments, calls `mixtral.load`, the tokenizer and
 `mixtral.generate`, and prints. User mistakes arrive as `mixtral.errors.MixtralError` and are turned into one
@@ -24,14 +24,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mixtral.analysis.cli import add_routes_parser
 from mixtral.bench import add_bench_parser
 from mixtral.data.prepare import add_data_parser
 from mixtral.train.cli import add_train_parser
+from mixtral.serve.cli import add_serve_parser
 from mixtral.config import PRESETS, ModelConfig
 from mixtral.errors import CheckpointError, ContextLengthError, InputError, MixtralError, TokenizerError
 from mixtral.generate import check_sampling, complete, stream_text
 from mixtral.io.checkpoint import CheckpointFiles, SafetensorsReader, find_checkpoint, save_hf, save_native
-from mixtral.io.loading import load, load_tokenizer
+from mixtral.io.loading import load, load_tokenizer, resolve_model
 from mixtral.io.tokenizer import DIR_CANDIDATES, Tokenizer
 from mixtral.io.tokenizer import PRESETS as TOKENIZER_PRESETS
 from mixtral.model import Transformer
@@ -39,9 +41,8 @@ from mixtral.quant import read_quantization_config
 
 log = logging.getLogger("mixtral")
 
-# Until the project's trained default model lands, the default is a small random-init preset: every command works
-# out of the box (and fast), and the output says that it is noise.
-DEFAULT_MODEL = "tiny"
+# The small Mixtral this project trained and bundles (mixtral/models/default, see its README.md).
+DEFAULT_MODEL = "default"
 
 # The vocabulary of the Mixtral 8x7B / Mistral 7B tokenizer that mistral-common ships.
 MIXTRAL_VOCAB = 32000
@@ -68,8 +69,9 @@ EXIT_BROKEN_PIPE = 141
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     """--model, shared by every subcommand that reads a model."""
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL, metavar="PATH_OR_PRESET",
-                        help=f"checkpoint directory (Hugging Face or Mistral-native layout) or preset name "
-                             f"({', '.join(PRESETS)}); presets have random weights (default: {DEFAULT_MODEL})")
+                        help=f"checkpoint directory (Hugging Face or Mistral-native layout), 'default' (the small "
+                             f"Mixtral trained by this project and bundled with it) or a preset name "
+                             f"({', '.join(PRESETS)}; presets have random weights) (default: {DEFAULT_MODEL})")
 
 
 def add_quantize_option(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +130,7 @@ def inspect_model(model: str) -> tuple[ModelConfig, CheckpointFiles | None]:
     """
     if is_preset(model):
         return PRESETS[model], None
+    model = str(resolve_model(model))
     if not Path(model).exists():
         # Same wording as `mixtral.load`: the argument may have been meant as either.
         raise CheckpointError(f"{model!r} is neither an existing checkpoint directory nor a preset "
@@ -182,8 +185,8 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Transformer, Tok
     log.info("loaded %s (%s) in %.1f s", args.model, str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
              time.perf_counter() - start)
     if files is None:
-        _note(f"{args.model!r} is a preset with random weights, so the output is noise "
-              f"(no trained default model is bundled yet); pass --model with a checkpoint directory")
+        _note(f"{args.model!r} is a preset with random weights, so the output is noise; leave out --model for "
+              f"the trained default model, or pass a checkpoint directory")
     if tokenizer_note:
         _note(tokenizer_note)
     return model, tokenizer
@@ -504,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(commands)
     add_train_parser(commands)
+    add_serve_parser(commands)
     add_data_parser(commands)
+    add_routes_parser(commands, [verbose])
     return parser
 
 

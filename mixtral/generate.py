@@ -21,16 +21,21 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """One token id from the logits [vocab] of one row. temperature 0 is greedy (argmax)."""
     if temperature <= 0.0:
         return int(torch.argmax(logits))
-    # Sample on the CPU: the per-row generators live there, and one row of logits is small.
-    logits = logits.float().cpu() / temperature
+    # Sample on the CPU: the per-row generators live there, and one row of logits is small. In float64, shifted by
+    # the maximum: every value is <= 0, so any positive temperature (1e-300 is one) gives -inf, i.e. probability 0,
+    # never inf - inf = NaN, and the temperature itself does not round to 0 as it would in float32.
+    logits = logits.double().cpu()
+    logits = (logits - logits.max()) / temperature
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
+        # Keep the smallest set of tokens whose mass reaches top_p. The first token always stays, also for a top_p
+        # that rounds to 0 in float32.
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -31,9 +31,12 @@ Quantized checkpoint (`save_quantized`, read back by `mixtral.load`): a director
   `layers.0.moe.router.weight`, ...) in the model's dtype, and for each quantized matrix at module path P
   (`layers.0.attention.wq`, `output`, `layers.0.moe.w13` with a leading [n_experts] dimension, ...):
     int8: P.qweight int8 [..., out, in], P.scales bf16 [..., out]
-    int4: P.qweight uint8 [..., out, in / 2]: for each block of 32 columns 16 bytes, byte i holding column i
+    int4: P.qweight uint8 [..., out, in' / 2]: for each block of 32 columns 16 bytes, byte i holding column i
           (low nibble) and column 16 + i (high nibble) of the block (`mixtral.kernels.pack_int4`);
-          P.scales and P.zeros bf16 [..., out, in / group_size]
+          P.scales and P.zeros bf16 [..., out, in' / group_size]
+  where in' is in rounded up to a multiple of the group size (`int4_layout`): a matrix whose inputs do not fill
+  whole groups (the default model's w2 has 688 = 21.5 x 32) gets copies of its last column as padding, so the
+  last group's range stays the real columns' range, and the kernels multiply the padding by zero inputs.
 """
 from __future__ import annotations
 
@@ -130,23 +133,25 @@ class QuantizedWeight:
     int8: qweight int8 [out, in], scales [out]. int4: qweight uint8 [out, in / 2] (`kernels.pack_int4`), scales
     and zeros bf16 [out, groups], bias float32 [groups, out] (`kernels.int4_bias`, for gemv_int4).
     """
-    __slots__ = ("mode", "qweight", "scales", "zeros", "bias", "group_size", "out_features")
+    __slots__ = ("mode", "qweight", "scales", "zeros", "bias", "group_size", "out_features", "in_features")
 
     def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 bias: torch.Tensor | None, group_size: int | None, out_features: int):
+                 bias: torch.Tensor | None, group_size: int | None, out_features: int, in_features: int):
         self.mode, self.qweight, self.scales, self.zeros, self.bias = mode, qweight, scales, zeros, bias
-        self.group_size, self.out_features = group_size, out_features
+        self.group_size, self.out_features, self.in_features = group_size, out_features, in_features
 
     @property
-    def in_features(self) -> int:
-        return self.qweight.shape[1] * (2 if self.mode == "int4" else 1)
+    def padding(self) -> int:
+        """Stored columns past in_features (int4 padding to whole groups)."""
+        return self.qweight.shape[1] * (2 if self.mode == "int4" else 1) - self.in_features
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] these integers stand for, in `dtype` (default: the scales' dtype)."""
         dtype = dtype or self.scales.dtype
         if self.mode == "int8":
             return dequantize_int8(self.qweight, self.scales, dtype)
-        return dequantize_int4(kernels.unpack_int4(self.qweight), self.scales, self.zeros, dtype)
+        w = dequantize_int4(kernels.unpack_int4(self.qweight), self.scales, self.zeros, dtype)
+        return w[:, :self.in_features] if self.padding else w
 
     def _bf16_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The weight expanded to bf16 by the C dequantizers, or None where they do not run. Into a reused buffer
@@ -161,6 +166,8 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> x · wᵀ [n, out] in x's dtype."""
         rows = x.shape[0]
+        if self.padding and x.device.type == "cpu":
+            x = F.pad(x, (0, self.padding))  # zero inputs for the padding columns: they add nothing
         few = not (torch.is_grad_enabled() and x.requires_grad)  # the integer kernels have no backward
         if x.device.type != "cpu":
             _fallback(f"no {self.mode} kernel for device {x.device.type}")
@@ -189,9 +196,9 @@ class _Quantized(nn.Module):
     """
 
     def __init__(self, mode: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 group_size: int | None, out_features: int):
+                 group_size: int | None, out_features: int, in_features: int):
         super().__init__()
-        self.mode, self.group_size, self.out_features = mode, group_size, out_features
+        self.mode, self.group_size, self.out_features, self.in_features = mode, group_size, out_features, in_features
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         if mode == "int4":
@@ -211,15 +218,16 @@ class _Quantized(nn.Module):
         return self
 
     @property
-    def in_features(self) -> int:
+    def stored_in_features(self) -> int:
+        """Columns as stored: in_features, rounded up to whole groups for int4 (see `int4_layout`)."""
         return self.qweight.shape[-1] * (2 if self.mode == "int4" else 1)
 
     def _weight(self, *index: int) -> QuantizedWeight:
         if self.mode == "int8":
             return QuantizedWeight("int8", self.qweight[index], self.scales[index], None, None, None,
-                                   self.out_features)
+                                   self.out_features, self.in_features)
         return QuantizedWeight("int4", self.qweight[index], self.scales[index], self.zeros[index], self.bias[index],
-                               self.group_size, self.out_features)
+                               self.group_size, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
@@ -250,9 +258,10 @@ class QuantizedExperts(_Quantized):
         return self._weight(e)
 
 
-def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None) -> list[torch.Tensor]:
+def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None, padded: int) -> list[torch.Tensor]:
     """The in-memory buffers for w [out, in] or [n, out, in], one matrix at a time (the float32 temporaries are
-    one matrix, not the stack): int8 [qweight, scales in w's dtype]; int4 [qweight packed, scales, zeros]."""
+    one matrix, not the stack): int8 [qweight, scales in w's dtype]; int4 [qweight packed, scales, zeros], its
+    columns padded to `padded` with copies of the last one."""
     stack = w if w.dim() == 3 else w[None]
     buffers: list[torch.Tensor] | None = None
     for i, matrix in enumerate(stack):
@@ -260,6 +269,8 @@ def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None) -> list[
             q, scales = quantize_int8(matrix)
             parts = [q, scales.to(w.dtype)]
         else:
+            if padded > matrix.shape[-1]:
+                matrix = F.pad(matrix.float()[None], (0, padded - matrix.shape[-1]), mode="replicate")[0]
             q, scales, zeros = quantize_int4(matrix, group_size)
             parts = [kernels.pack_int4(q), scales, zeros]
         if buffers is None:
@@ -269,20 +280,18 @@ def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None) -> list[
     return buffers if w.dim() == 3 else [b[0] for b in buffers]
 
 
-def _group_size_for(in_features: int, group_size: int, name: str) -> int:
-    """The group size for a matrix with `in_features` columns: `group_size`, or the whole row when shorter."""
-    size = min(group_size, in_features)
-    if in_features % size or size not in GROUP_SIZES:
-        raise InputError(f"int4 group_size {group_size} does not fit {name} (in_features {in_features}): it must "
-                         f"divide in_features and be one of {', '.join(map(str, GROUP_SIZES))}")
-    return size
+def int4_layout(in_features: int, group_size: int) -> tuple[int, int]:
+    """(group size, stored columns) of an int4 matrix with `in_features` inputs: `group_size`, or for a shorter row
+    the smallest allowed group that holds it; the columns rounded up to whole groups."""
+    group = group_size if in_features >= group_size else min(g for g in GROUP_SIZES if g >= in_features)
+    return group, -(-in_features // group) * group
 
 
 def _quantized(w: torch.Tensor, mode: str, group_size: int, name: str, cls: type[_Quantized]) -> _Quantized:
-    group = _group_size_for(w.shape[-1], group_size, name) if mode == "int4" else None
+    group, padded = int4_layout(w.shape[-1], group_size) if mode == "int4" else (None, w.shape[-1])
     with torch.no_grad():
-        qweight, scales, *zeros = (b.to(w.device) for b in _quantize_stack(w.detach().cpu(), mode, group))
-    return cls(mode, qweight, scales, zeros[0] if zeros else None, group, w.shape[-2])
+        qweight, scales, *zeros = (b.to(w.device) for b in _quantize_stack(w.detach().cpu(), mode, group, padded))
+    return cls(mode, qweight, scales, zeros[0] if zeros else None, group, w.shape[-2], w.shape[-1])
 
 
 def quantize_linear(linear: nn.Linear, mode: str, *, group_size: int = 128) -> QuantizedLinear:
@@ -372,7 +381,7 @@ def _portable(module: _Quantized) -> dict[str, torch.Tensor]:
 def _file_shapes(module: _Quantized) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of the file tensors of a quantized module."""
     lead = (len(module),) if isinstance(module, QuantizedExperts) else ()
-    n, k = module.out_features, module.in_features
+    n, k = module.out_features, module.stored_in_features
     if module.mode == "int8":
         return {"qweight": (lead + (n, k), torch.int8), "scales": (lead + (n,), torch.bfloat16)}
     groups = (lead + (n, k // module.group_size), torch.bfloat16)
@@ -522,8 +531,8 @@ def _empty_quantized(config, mode: str, group_size: int, targets: tuple[str, ...
 
 def _empty_module(w: torch.Tensor, mode: str, group_size: int, name: str, cls: type[_Quantized]) -> _Quantized:
     """A quantized module for a weight of w's shape, on the meta device."""
-    group = _group_size_for(w.shape[-1], group_size, name) if mode == "int4" else None
-    *lead, n, k = w.shape
+    *lead, n, in_features = w.shape
+    group, k = int4_layout(in_features, group_size) if mode == "int4" else (None, in_features)
     if mode == "int8":
         qweight = torch.empty(*lead, n, k, dtype=torch.int8, device="meta")
         scales = torch.empty(*lead, n, dtype=w.dtype, device="meta")
@@ -532,7 +541,7 @@ def _empty_module(w: torch.Tensor, mode: str, group_size: int, name: str, cls: t
         qweight = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device="meta")
         scales = torch.empty(*lead, n, k // group, dtype=torch.bfloat16, device="meta")
         zeros = torch.empty_like(scales)
-    return cls(mode, qweight, scales, zeros, group, n)
+    return cls(mode, qweight, scales, zeros, group, n, in_features)
 
 
 def _read_into(model: Transformer, reader) -> None:

@@ -96,3 +96,14 @@ def test_stream_text_pieces_join_to_complete_and_respect_stop():
     cut = full[: full.find(stop)]
     assert "".join(mixtral.stream_text(model, tokenizer, prompt, 24, eos_id=None, stop=[stop])) == cut
     assert mixtral.complete(model, tokenizer, [prompt], 24, eos_id=None, stop=[stop]) == [cut]
+
+
+def test_sampling_survives_extreme_temperature_and_top_p():
+    # Found by fuzzing the server: logits / 1e-300 overflowed to inf (NaN probabilities), and a top_p that rounds to
+    # 0 in float32 dropped every token. Both must mean "the most likely token".
+    from mixtral.generate import sample
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    g = torch.Generator().manual_seed(0)
+    assert [sample(logits, 1e-300, generator=g) for _ in range(5)] == [1] * 5
+    assert [sample(logits, 1.0, top_p=1e-300, generator=g) for _ in range(5)] == [1] * 5

@@ -48,7 +48,8 @@ def _logits(model, ids) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, k", [(256, 512), (100, 256), (64, 64)])  # 64: one int4 group
+# 64: one int4 group; 688 (the default model's expert width) and 40 fill no whole group: padded to 768 and 64.
+@pytest.mark.parametrize("n, k", [(256, 512), (100, 256), (64, 64), (100, 688), (32, 40)])
 @pytest.mark.parametrize("rows", [1, 5, quant.INT4_GEMV_ROWS, quant.INT8_GEMM_ROWS])  # each kernel's row range
 def test_linear_equals_dequantized_weight(mode, dtype, n, k, rows):
     linear = quant.quantize_linear(_linear(n, k, dtype), mode)
@@ -203,6 +204,22 @@ def test_save_load_round_trip(tmp_path, mode, preset, dtype):
     loaded = mixtral.load(tmp_path)
     assert quant.quantization_of(loaded) == quant.quantization_of(model)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_int4_pads_inputs_that_fill_no_whole_group(tmp_path):
+    # The default model's experts have 688 inputs in w2, 5.375 groups of 128: stored as 6, the padding columns
+    # copies of the last real one, multiplied by zero inputs.
+    model = mixtral.load("tiny", dtype="bf16")
+    model = Transformer(dataclasses.replace(model.config, hidden_dim=688)).init_weights(0).to(torch.bfloat16)
+    ids = _ids()
+    want = _logits(model, ids)
+    quant.quantize(model, "int4")
+    w2 = model.layers[0].moe.w2
+    assert (w2.in_features, w2.stored_in_features, w2.scales.shape[-1]) == (688, 768, 6)
+    assert w2[0].dequantize().shape == (64, 688)
+    assert _rel(_logits(model, ids), want) < 0.2
+    quant.save_quantized(model, tmp_path)
+    assert torch.equal(_logits(mixtral.load(tmp_path), ids), _logits(model, ids))
 
 
 def test_portable_int4_file_form(tmp_path):

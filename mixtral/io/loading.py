@@ -28,11 +28,27 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+# The small Mixtral this project trained and ships (scripts/export_default_model.py writes it; its README.md is
+# the model card). The name "default" means this directory wherever a model path or preset is taken.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+def resolve_model(path_or_preset: str | os.PathLike) -> str | os.PathLike:
+    """"default" (unless a directory of that name exists here) -> the bundled model's directory; else unchanged.
+    Raises CheckpointError when the bundled model is missing from this installation."""
+    if str(path_or_preset) == "default" and not Path("default").exists():
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise CheckpointError(f"the bundled default model is missing ({DEFAULT_MODEL_DIR}); reinstall mixtral "
+                                  f"or pass a checkpoint directory or a preset")
+        return DEFAULT_MODEL_DIR
+    return path_or_preset
+
+
 def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
          quantize: str | None = None) -> Transformer:
     """A model from a checkpoint directory (HF or Mistral-native layout, or one `mixtral.quant.save_quantized`
-    wrote) or a preset name.
+    wrote), "default" (the trained model bundled with mixtral) or a preset name.
 
     A preset gives a randomly initialised model (seeded with `seed`, float32 unless `dtype` says otherwise).
     quantize: "int8" or "int4" quantizes the weights after loading (`mixtral.quant.quantize`, default settings;
@@ -40,6 +56,7 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     Raises CheckpointError/ConfigError with the file, key or preset at fault; InputError for a bad `quantize`.
     """
     dtype = parse_dtype(dtype)
+    path_or_preset = resolve_model(path_or_preset)
     if quantize is not None and quantize not in quant.MODES:
         raise InputError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(quant.MODES)}")
     path = Path(path_or_preset)
@@ -60,8 +77,10 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
 
 
 def load_tokenizer(path_or_preset: str | os.PathLike | None = None):
-    """The tokenizer of a checkpoint directory, a tokenizer file, or (None / a preset name) the Mixtral tokenizer
-    shipped with mistral-common. See `mixtral.io.tokenizer`."""
+    """The tokenizer of a checkpoint directory ("default": the bundled model's), a tokenizer file, or (None / a
+    preset name) the Mixtral tokenizer shipped with mistral-common. See `mixtral.io.tokenizer`."""
     from mixtral.io.tokenizer import load_tokenizer as _load_tokenizer
 
+    if path_or_preset is not None:
+        path_or_preset = resolve_model(path_or_preset)
     return _load_tokenizer(path_or_preset)

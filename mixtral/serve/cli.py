@@ -1,0 +1,133 @@
+"""`mixtral serve`: the OpenAI-compatible server, registered on the `mixtral` command by `add_serve_parser`.
+
+FastAPI and uvicorn are imported when the command runs, not when the parser is built, so `mixtral --help` and the
+other commands do not pay for them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from mixtral.errors import InputError
+
+log = logging.getLogger("mixtral")
+
+SERVE_EPILOG = """\
+Loads the model once and serves it until Ctrl-C, batching all requests in flight together (continuous batching):
+each engine step admits waiting requests into free rows of the KV pool, prefills their prompts in chunks, and
+decodes one token for every running request in one forward. The KV pool (--max-batch rows of --max-seq-len
+tokens) is allocated at start; requests beyond it wait in a queue of --max-queue sequences, and beyond that get
+HTTP 429 with Retry-After. The model is called by the name given as --model unless --served-model-name says
+otherwise. Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
+GET /metrics (Prometheus). See docs/serving.md.
+
+examples:
+  mixtral serve                                            # the bundled default model on 127.0.0.1:8000
+  mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --dtype bfloat16 --max-batch 16 --max-seq-len 8192
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "default", "prompt": "The capital of France is", "max_tokens": 16}'
+"""
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `serve` on the subparsers of the `mixtral` command."""
+    # The model options are mixtral.cli's own; imported here since mixtral.cli imports this module.
+    from mixtral.cli import DTYPE_CHOICES, add_model_option, add_quantize_option
+
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, "
+                                          "streaming) with continuous batching.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG)
+    p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                   help="log progress, and show tracebacks of errors")
+    model = p.add_argument_group("model")
+    add_model_option(model)
+    model.add_argument("--tokenizer", metavar="PATH_OR_PRESET",
+                       help="tokenizer file, directory or preset (default: as for `mixtral generate`)")
+    model.add_argument("--dtype", choices=DTYPE_CHOICES,
+                       help="dtype of the weights in memory (default: the checkpoint's own; float32 for presets)")
+    add_quantize_option(model)
+    model.add_argument("--served-model-name", metavar="NAME",
+                       help="the name clients pass as \"model\" (default: the --model argument as given)")
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000,
+                      help="port to listen on; 0 picks a free one, printed at start (default: 8000)")
+    http.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                      help="largest request body accepted; larger gets 413 (default: 1 MiB)")
+    http.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-batch", type=int, default=64, metavar="N",
+                        help="rows of the KV pool: sequences decoded together at most (default: 64)")
+    engine.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                        help="tokens per row, prompt and completion together (default: the model's context, "
+                             "capped at 4096)")
+    engine.add_argument("--max-queue", type=int, default=256, metavar="N",
+                        help="sequences waiting for a row at most; beyond, requests get 429 (default: 256)")
+    engine.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                        help="prompt tokens per row prefilled in one step; longer prompts take several steps, so "
+                             "running requests keep decoding meanwhile (default: 256)")
+    engine.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads of the engine (default: torch's choice, one per core)")
+    p.set_defaults(run=cmd_serve)
+    return p
+
+
+# Rows of this length are enough for most chats and keep the pool small: 64 rows of a 32k-token context would be
+# 17 GB for a 2-layer Mixtral-8x7B-shaped model.
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one). Raises OSError (address in use, no such host)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from mixtral.cli import load_model_and_tokenizer
+    from mixtral.serve.api import DEFAULT_MAX_BODY, create_app
+    from mixtral.serve.engine import Engine
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    for name in ("max_batch", "max_seq_len", "max_queue", "prefill_chunk", "threads", "max_body_bytes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    sock = bind(args.host, args.port)  # before loading: a port in use fails in a second, not after the weights
+    try:
+        model, tokenizer = load_model_and_tokenizer(args)
+        max_seq_len = args.max_seq_len or min(model.config.context_len, DEFAULT_MAX_SEQ_LEN)
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=max_seq_len,
+                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+        engine.warm_up()
+        name = args.served_model_name or args.model
+        app = create_app(engine, name, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY)
+        engine.start()
+        host, port = sock.getsockname()[:2]
+        print(f"serving {name} on http://{host}:{port} ({engine.max_batch} rows x {engine.max_seq_len} tokens of KV "
+              f"cache, {engine.cache_bytes / 2 ** 20:.0f} MiB; queue {engine.max_queue}; "
+              f"{torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, log_level="info", access_log=not args.no_access_log,
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    engine.stop()
+    return 0
