@@ -166,21 +166,24 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> x · wᵀ [n, out] in x's dtype."""
         rows = x.shape[0]
-        if self.padding and x.device.type == "cpu":
-            x = F.pad(x, (0, self.padding))  # zero inputs for the padding columns: they add nothing
         few = not (torch.is_grad_enabled() and x.requires_grad)  # the integer kernels have no backward
         if x.device.type != "cpu":
             _fallback(f"no {self.mode} kernel for device {x.device.type}")
         elif self.mode == "int4" and few and rows < INT4_GEMV_ROWS and kernels.available():
-            return kernels.gemv_int4(x, self.qweight, self.scales, self.bias).to(x.dtype)
+            return kernels.gemv_int4(self._stored_layout(x), self.qweight, self.scales, self.bias).to(x.dtype)
         elif self.mode == "int8" and few and rows < INT8_GEMM_ROWS and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales.to(KERNEL_DTYPE))
             return y.to(x.dtype)
         elif (w := self._bf16_weight(x)) is not None:
-            return F.linear(x.to(KERNEL_DTYPE), w).to(x.dtype)
+            return F.linear(self._stored_layout(x).to(KERNEL_DTYPE), w).to(x.dtype)
         else:
             _fallback(f"no {self.mode} kernel on this CPU (no AVX512-BF16 or no C compiler)")
-        return F.linear(x, self.dequantize(x.dtype))
+        return F.linear(x, self.dequantize(x.dtype))  # dequantize() drops the padding columns
+
+    def _stored_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x with zero inputs for the stored padding columns (they add nothing), for the kernels that read the
+        stored layout."""
+        return F.pad(x, (0, self.padding)) if self.padding else x
 
 
 # ---- the modules that replace the model's ----------------------------------------------------------------------
@@ -287,7 +290,7 @@ def int4_layout(in_features: int, group_size: int) -> tuple[int, int]:
     return group, -(-in_features // group) * group
 
 
-def _quantized(w: torch.Tensor, mode: str, group_size: int, name: str, cls: type[_Quantized]) -> _Quantized:
+def _quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[_Quantized]) -> _Quantized:
     group, padded = int4_layout(w.shape[-1], group_size) if mode == "int4" else (None, w.shape[-1])
     with torch.no_grad():
         qweight, scales, *zeros = (b.to(w.device) for b in _quantize_stack(w.detach().cpu(), mode, group, padded))
@@ -299,7 +302,7 @@ def quantize_linear(linear: nn.Linear, mode: str, *, group_size: int = 128) -> Q
     _check(mode, (), group_size)
     if linear.bias is not None:
         raise InputError("quantize_linear takes a linear layer without bias")
-    return _quantized(linear.weight, mode, group_size, "linear", QuantizedLinear)
+    return _quantized(linear.weight, mode, group_size, QuantizedLinear)
 
 
 # ---- the model -------------------------------------------------------------------------------------------------
@@ -316,9 +319,9 @@ def _check(mode: str, targets: Iterable[str], group_size: int) -> tuple[str, ...
     return targets
 
 
-def _quantize_moe(moe: MoE, mode: str, group_size: int, name: str) -> None:
+def _quantize_moe(moe: MoE, mode: str, group_size: int) -> None:
     for attr in ("w13", "w2"):
-        quantized = _quantized(getattr(moe, attr), mode, group_size, f"{name}.{attr}", QuantizedExperts)
+        quantized = _quantized(getattr(moe, attr), mode, group_size, QuantizedExperts)
         delattr(moe, attr)  # frees the float weight before the next one is quantized
         setattr(moe, attr, quantized)
 
@@ -355,10 +358,10 @@ def quantize(module: nn.Module, mode: str, *, group_size: int = 128,
         raise InputError("this model is already quantized; load the unquantized weights to quantize again")
     for name, parent, attr in _plan(module, targets):
         if attr == "moe":
-            _quantize_moe(parent, mode, group_size, name or "moe")
+            _quantize_moe(parent, mode, group_size)
             continue
         linear = getattr(parent, attr)
-        setattr(parent, attr, _quantized(linear.weight, mode, group_size, name, QuantizedLinear))
+        setattr(parent, attr, _quantized(linear.weight, mode, group_size, QuantizedLinear))
     module.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
                            "targets": list(targets)}
     return module
@@ -517,19 +520,18 @@ def _empty_quantized(config, mode: str, group_size: int, targets: tuple[str, ...
     for name, parent, attr in _plan(model, targets):
         if attr == "moe":
             for w in ("w13", "w2"):
-                module = _empty_module(getattr(parent, w), mode, group_size, f"{name}.{w}", QuantizedExperts)
+                module = _empty_module(getattr(parent, w), mode, group_size, QuantizedExperts)
                 delattr(parent, w)
                 setattr(parent, w, module)
         else:
-            setattr(parent, attr, _empty_module(getattr(parent, attr).weight, mode, group_size, name,
-                                                QuantizedLinear))
+            setattr(parent, attr, _empty_module(getattr(parent, attr).weight, mode, group_size, QuantizedLinear))
     model = model.to_empty(device="cpu")
     if config.tie_embeddings and "output" not in targets:
         model.output.weight = model.tok_embeddings.weight
     return model
 
 
-def _empty_module(w: torch.Tensor, mode: str, group_size: int, name: str, cls: type[_Quantized]) -> _Quantized:
+def _empty_module(w: torch.Tensor, mode: str, group_size: int, cls: type[_Quantized]) -> _Quantized:
     """A quantized module for a weight of w's shape, on the meta device."""
     *lead, n, in_features = w.shape
     group, k = int4_layout(in_features, group_size) if mode == "int4" else (None, in_features)

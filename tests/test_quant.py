@@ -88,10 +88,11 @@ def test_int4_error_is_half_a_step_per_group(group_size):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rows", [1, 3, quant.INT4_GEMV_ROWS, quant.INT8_GEMM_ROWS])
-def test_every_kernel_path_gives_the_same_product(mode, rows, monkeypatch):
+@pytest.mark.parametrize("k", [256, 688])  # 688: int4 stores padding columns, which every path must handle
+def test_every_kernel_path_gives_the_same_product(mode, rows, k, monkeypatch):
     # The C kernels, the C dequantizer + GEMM, and the pure-torch fallback of a machine without them.
-    linear = quant.quantize_linear(_linear(96, 256, torch.bfloat16), mode, group_size=64)
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    linear = quant.quantize_linear(_linear(96, k, torch.bfloat16), mode, group_size=64)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     want = F.linear(x.float(), linear.weight.float())
     results = [linear(x)]
     monkeypatch.setattr(quant.kernels, "available", lambda: False)
