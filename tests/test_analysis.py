@@ -169,7 +169,7 @@ def test_recording_leaves_no_hooks_behind(model):
 
 def test_live_decoding_routes_equal_the_full_forward_routes(model):
     prompt = list(range(1, 21))
-    live, new = record_generation(model, prompt, 12, eos_id=None)
+    live, (new,) = record_generation(model, [prompt], [0], ["generated"], 12, eos_id=None)
     assert len(new) == 12 and len(live.tokens) == 20 + 11  # the last new token is never fed back
     np.testing.assert_array_equal(live.tokens, prompt + new[:-1])
     with torch.inference_mode():

@@ -176,17 +176,18 @@ def _layers(spec: str | None, n_layers: int) -> list[int] | None:
     return layers
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place (creating the directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 # ---- the commands ----------------------------------------------------------------------------------------------
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from mixtral.analysis.routes import Routes, record_generation, record_sequences
+    from mixtral.analysis.routes import record_generation, record_sequences
 
     model, tokenizer = _load(args)
     sequences, domains, names = domain_sequences(args, tokenizer)
@@ -195,14 +196,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.generate:
-        parts = []
-        for i, name in enumerate(names):
-            prompts = [s[:args.prompt_len] for s, d in zip(sequences, domains) if d == i][:args.prompts_per_domain]
-            for prompt in prompts:
-                routes, _ = record_generation(model, prompt, args.generate, domain=name,
-                                              temperature=args.temperature, seed=args.seed, eos_id=None)
-                parts.append((i, routes))
-        routes = _concat([r for _, r in parts], [i for i, _ in parts], names)
+        chosen = [[j for j, d in enumerate(domains) if d == i][:args.prompts_per_domain] for i in range(len(names))]
+        picks = [j for js in chosen for j in js]
+        routes, _ = record_generation(model, [sequences[j][:args.prompt_len] for j in picks],
+                                      [domains[j] for j in picks], names, args.generate,
+                                      temperature=args.temperature, seed=args.seed, eos_id=None)
     else:
         with torch.inference_mode():
             routes = record_sequences(model, sequences, domains, names, batch_size=args.batch_size,
@@ -212,19 +210,6 @@ def cmd_record(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(routes.tokens):,} tokens in {len(np.unique(routes.sequence))} sequences, "
           f"{routes.n_layers} layers, domains {', '.join(routes.domains)}")
     return 0
-
-
-def _concat(parts, domain_of, names):
-    """One Routes from the routes of several generations (each its own sequence)."""
-    from mixtral.analysis.routes import Routes
-
-    first = parts[0]
-    cat = lambda xs, axis=0: np.concatenate(xs, axis=axis)  # noqa: E731
-    return Routes(cat([p.tokens for p in parts]), cat([p.positions for p in parts]),
-                  cat([np.full(len(p.tokens), i) for i, p in enumerate(parts)]),
-                  cat([np.full(len(p.tokens), d) for d, p in zip(domain_of, parts)]), list(names),
-                  cat([p.experts for p in parts], 1), cat([p.weights for p in parts], 1), first.n_experts,
-                  {k: cat([p.predicted[k] for p in parts], 1) for k in first.predicted}, dict(first.meta))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -261,8 +246,8 @@ def cmd_html(args: argparse.Namespace) -> int:
     if unknown:
         raise InputError(f"domain {unknown[0]!r} is not in {args.routes_file} (domains: {', '.join(routes.domains)})")
     keep = np.zeros(len(routes.tokens), dtype=bool)
-    for d, part_index in ((d, routes.domains.index(d)) for d in (args.domain or routes.domains)):
-        idx = np.flatnonzero(routes.domain == part_index)
+    for d in args.domain or routes.domains:
+        idx = np.flatnonzero(routes.domain == routes.domains.index(d))
         if len(idx):
             first = routes.sequence[idx[0]]  # the domain's first sequence, from its start
             idx = idx[routes.sequence[idx] == first][:args.max_tokens]
@@ -275,10 +260,7 @@ def cmd_html(args: argparse.Namespace) -> int:
                        f"First-choice experts of {routes.meta.get('model', 'the model')}", groups, shown.tokens,
                        shown.positions)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    _write_text(out, page)
     print(f"wrote {out}: {len(shown.tokens)} tokens, layers {', '.join(map(str, layers))}")
     return 0
 
@@ -299,7 +281,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     result = ablate_experts(model, windows, layers, progress=sys.stderr.isatty())
     result["meta"] = {"model": str(args.model), "tokens_per_domain": {d: int(w.numel()) for d, w in windows.items()},
                       "seq_len": args.seq_len}
-    _write_json(Path(args.out), result)
+    _write_text(Path(args.out), json.dumps(result, indent=1))
     worst = max(((layer, e, r["all"] - result["base"]["all"]) for layer, row in zip(result["layers"],
                  result["ablated"]) for e, r in enumerate(row)), key=lambda x: x[2])
     print(f"wrote {args.out}: base loss {result['base']['all']:.4f}; the costliest removal is layer {worst[0]} "

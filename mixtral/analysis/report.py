@@ -74,8 +74,10 @@ def analyse(routes: Routes) -> dict:
                 name: [{"capacity": c, **stats.prefetch_lru(routes.experts[layer], routes.predicted[name][layer - 1],
                                                             routes.sequence, c)} for c in range(1, E + 1)]
                 for name in guesses}
-        entry["lru"] = [{"capacity": c, **stats.prefetch_lru(routes.experts[layer], None, routes.sequence, c)}
-                        for c in range(1, E + 1)]
+        # LRU alone, in prefetch_lru's terms, from the stack-distance hit rates above (no second simulation):
+        # every miss is one load on demand, k accesses per token.
+        entry["lru"] = [{"capacity": c, "hit_rate": h, "demand_loads": (1 - h) * k, "prefetch_loads": 0.0,
+                         "wasted_loads": 0.0} for c, h in enumerate(entry["lru_hit_rate"]["all"], start=1)]
         layers.append(entry)
     return _clean({
         "meta": routes.meta, "n_experts": E, "top_k": k, "n_layers": routes.n_layers, "tokens": len(routes.tokens),

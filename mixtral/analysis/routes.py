@@ -198,26 +198,29 @@ def record_sequences(model: Transformer, sequences: Sequence[Sequence[int]], dom
     return _routes(parts, domain_names, model, meta)
 
 
-def record_generation(model: Transformer, prompt: Sequence[int], max_new_tokens: int, *, domain: str = "generated",
-                      predict: bool = True, meta: dict | None = None, **sampling) -> tuple[Routes, list[int]]:
-    """Record the routes of a live decode: the prompt (prefill) and then each generated token as the cache-backed
-    decoding step computes it. Returns (routes of prompt + new tokens but the last one, the new token ids).
+def record_generation(model: Transformer, prompts: Sequence[Sequence[int]], domains: Sequence[int],
+                      domain_names: Sequence[str], max_new_tokens: int, *, predict: bool = True,
+                      meta: dict | None = None, **sampling) -> tuple[Routes, list[list[int]]]:
+    """Record the routes of live decoding: each prompt (a sequence of its own, domain domains[i]) is prefilled and
+    continued one token at a time through the KV cache, alone. Returns (routes of every prompt + its new tokens but
+    the last one, the new token ids of each prompt).
 
     The last new token is never fed back to the model, so it has no routes. `sampling` as in
     `mixtral.generate` (temperature, top_p, seed, ...).
     """
     from mixtral.generate import generate
 
-    with RouteRecorder(model, predict) as rec:
-        new = generate(model, [list(prompt)], max_new_tokens, **sampling)[0]
-    parts = []
-    position = 0
-    for call in rec.calls:
-        n = call["tokens"].numel()
-        parts.append(_take(call, torch.ones(n, dtype=torch.bool), [0] * n, list(range(position, position + n)),
-                           [0] * n))
-        position += n
-    return _routes(parts, [domain], model, meta), new
+    parts, new = [], []
+    for i, prompt in enumerate(prompts):
+        with RouteRecorder(model, predict) as rec:
+            new.append(generate(model, [list(prompt)], max_new_tokens, **sampling)[0])
+        position = 0
+        for call in rec.calls:
+            n = call["tokens"].numel()
+            parts.append(_take(call, torch.ones(n, dtype=torch.bool), [i] * n, list(range(position, position + n)),
+                               [domains[i]] * n))
+            position += n
+    return _routes(parts, domain_names, model, meta), new
 
 
 def _take(call: dict, real: torch.Tensor, sequence: list[int], positions: list[int], domains: list[int]) -> dict:
