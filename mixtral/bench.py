@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from mixtral import kernels
 from mixtral.config import PRESETS, from_name, with_overrides
 from mixtral.errors import InputError, MixtralError
 from mixtral.io.loading import load
@@ -51,18 +52,41 @@ TOLERANCE = {"bf16": 0.03, "int8": 0.08, "int4": 0.35}
 
 # ---- measuring -------------------------------------------------------------------------------------------------
 
-def timed(fn: Callable[[], object], repeats: int, min_seconds: float, warmup: int = 1, best: bool = False) -> float:
+def timed(fn: Callable[[], object], repeats: int, min_seconds: float, warmup: int = 1, best: bool = False,
+          between: Callable[[], object] | None = None) -> float:
     """Median seconds of `fn()` over at least `repeats` calls and `min_seconds` in all, after `warmup` calls;
-    the fastest call instead with `best` (for a ceiling: what the machine can do, not what it usually does)."""
+    the fastest call instead with `best` (for a ceiling: what the machine can do, not what it usually does).
+    `between` runs untimed before each timed call (`cache_flusher`)."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        if between is not None:
+            between()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
     return min(times) if best else statistics.median(times)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache, from sysfs (0 when unknown)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=0)
+
+
+def cache_flusher(min_bytes: int = 256 * 2**20) -> Callable[[], object]:
+    """A function that reads twice the last-level cache's size (at least `min_bytes`), evicting what a timed call
+    left there. Decoding reads each layer's experts once per token, so they come from memory; a layer timed in a
+    loop would otherwise be served from a cache as large as its active experts (480 MB of L3 on the Xeon of
+    2026-12-01, more than two int4 experts of Mixtral-8x7B)."""
+    junk = torch.ones(max(min_bytes, 2 * last_level_cache_bytes()) // 4)
+    return junk.sum
 
 
 def read_bandwidth(gb: float, repeats: int = 5) -> float:
@@ -231,10 +255,12 @@ HF_MOE_IMPLS = ("eager", "grouped_mm")
 
 
 def random_moe(dim: int, hidden: int, n_experts: int, top_k: int, seed: int, std: float = 0.02) -> MoE:
-    """Our MoE layer with N(0, std) bf16 weights, allocated once (meta, then to_empty) and filled in place."""
+    """Our MoE layer with N(0, std) bf16 weights, allocated once (meta, then to_empty) and filled in place, on
+    2 MB pages where the OS grants them (as `mixtral.load` does; transformers' block shares these tensors)."""
     with torch.device("meta"):
         moe = MoE(dim, hidden, n_experts, top_k).to(torch.bfloat16)
     moe = moe.to_empty(device="cpu").eval()
+    kernels.prefer_huge_pages(moe)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in moe.parameters():
@@ -314,9 +340,14 @@ def bench_moe(args: argparse.Namespace) -> dict:
     info = provenance(args)
     print_provenance(info)
 
-    bandwidth = read_bandwidth(args.bandwidth_gb)
-    print(f"memory read bandwidth: {bandwidth:.1f} GB/s (sum of a {args.bandwidth_gb:g} GB float32 tensor, "
+    llc = last_level_cache_bytes()
+    bandwidth_gb = max(args.bandwidth_gb, 4 * llc / 1e9)  # mostly out of the cache, which keeps what it last read
+    bandwidth = read_bandwidth(bandwidth_gb)
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s (sum of a {bandwidth_gb:g} GB float32 tensor, "
           f"best of 5)")
+    flush = cache_flusher()
+    print(f"each timed call starts after reading {flush.__self__.nbytes / 2**20:.0f} MB of other memory "
+          f"(twice the {llc / 2**20:.0f} MB last-level cache): weights come from memory, as in decoding")
     # The compute ceiling: one dense bf16 GEMM with the FLOPs of the MoE at the largest T (its experts' matmuls
     # stacked into one [T·top_k, dim] x [dim, 3·hidden] product).
     t_max = max(tokens_list)
@@ -357,7 +388,7 @@ def bench_moe(args: argparse.Namespace) -> dict:
             print(format_row(MOE_COLUMNS, row), flush=True)
             return row
         with torch.inference_mode():
-            seconds = timed(fn, args.repeats, args.min_seconds)
+            seconds = timed(fn, args.repeats, args.min_seconds, between=flush)
         row.update(ms=seconds * 1e3, gflops=flops / seconds / 1e9, gbps=nbytes / seconds / 1e9)
         row["bw_pct"] = 100 * row["gbps"] / bandwidth
         row["roof_pct"] = 100 * max(nbytes / (bandwidth * 1e9), flops / (gemm_gflops * 1e9)) / seconds
@@ -385,6 +416,7 @@ def bench_moe(args: argparse.Namespace) -> dict:
     for mode in (d for d in dtypes if d in QUANT_MODES):
         with torch.no_grad():
             quantized = quantize(copy.deepcopy(ours), mode, group_size=args.group_size)
+            kernels.prefer_huge_pages(quantized, collapse=True)  # as mixtral.load(..., quantize=mode) does
             per_expert = expert_bytes(quantized)
             print(f"# {mode}: one expert = {per_expert / 1e6:.1f} MB ({per_expert / bf16_expert * 2:.3f} bytes "
                   f"per weight, scales included)")

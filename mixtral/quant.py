@@ -526,6 +526,7 @@ def _empty_quantized(config, mode: str, group_size: int, targets: tuple[str, ...
         else:
             setattr(parent, attr, _empty_module(getattr(parent, attr).weight, mode, group_size, QuantizedLinear))
     model = model.to_empty(device="cpu")
+    kernels.prefer_huge_pages(model)  # before the first write, which then faults in 2 MB pages
     if config.tie_embeddings and "output" not in targets:
         model.output.weight = model.tok_embeddings.weight
     return model

@@ -117,3 +117,60 @@ def test_dequant_scratch_is_reused_and_correct():
     second = kernels.dequant_int4(kernels.pack_int4(q2), scale2, zero2, scratch=True)
     assert second.data_ptr() == first.data_ptr()  # the same memory: no new pages to fault in
     assert torch.equal(second, dequant2.to(torch.bfloat16))
+
+
+def _huge_bytes_at(address: int) -> int | None:
+    """AnonHugePages (bytes) of the mapping holding `address`, from /proc/self/smaps; None off Linux."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _big_module() -> torch.nn.Module:
+    with torch.device("meta"):
+        module = torch.nn.Linear(2048, 4096, bias=False)  # 32 MB in float32
+    return module.to_empty(device="cpu")
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages on this machine")
+def test_weights_advised_before_their_first_write_get_2mb_pages():
+    module = _big_module()
+    assert kernels.prefer_huge_pages(module) >= 8 * 2**20
+    with torch.no_grad():
+        module.weight.copy_(torch.arange(module.weight.numel(), dtype=torch.float32).view_as(module.weight))
+    assert _huge_bytes_at(module.weight.data_ptr() + 16 * 2**20) > 0
+    assert module.weight[1, 2].item() == 2048 + 2
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages on this machine")
+def test_collapsing_written_weights_keeps_their_values():
+    module = _big_module()
+    with torch.no_grad():
+        module.weight.normal_()
+    before = module.weight.clone()
+    assert kernels.prefer_huge_pages(module, collapse=True) > 0
+    assert torch.equal(module.weight, before)
+
+
+def test_huge_pages_can_be_turned_off_and_skip_small_or_foreign_tensors(monkeypatch):
+    assert kernels.prefer_huge_pages(torch.nn.Linear(8, 8)) == 0  # below min_bytes
+    monkeypatch.setenv("MIXTRAL_HUGE_PAGES", "0")
+    assert kernels.prefer_huge_pages(_big_module()) == 0

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from mixtral import kernels
 from mixtral.config import (ModelConfig, from_hf_dict, from_params_dict, read_json, to_hf_dict,
                             to_params_dict)
 from mixtral.errors import CheckpointError
@@ -321,6 +322,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         with torch.device("meta"):
             model = Transformer(files.config).to(dtype)
         model = model.to_empty(device="cpu")  # allocates each parameter once, already in `dtype`
+        kernels.prefer_huge_pages(model)  # before the first write, which then faults in 2 MB pages
         if files.config.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         params = dict(model.named_parameters(remove_duplicate=False))

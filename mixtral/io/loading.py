@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mixtral import quant
+from mixtral import kernels, quant
 from mixtral.config import PRESETS, from_name
 from mixtral.errors import CheckpointError, InputError
 from mixtral.io.checkpoint import load_checkpoint
@@ -59,7 +59,7 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     path_or_preset = resolve_model(path_or_preset)
     if quantize is not None and quantize not in quant.MODES:
         raise InputError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(quant.MODES)}")
-    path = Path(path_or_preset)
+    path, saved = Path(path_or_preset), None
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not path.exists():
         model = Transformer(from_name(path_or_preset)).init_weights(seed)
         model = model.to(device=device, dtype=dtype or torch.float32).eval()
@@ -70,10 +70,13 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
         if quantize is not None and quantize != saved.get("mode"):
             raise InputError(f"{path} is already quantized to {saved.get('mode')}; it cannot be quantized to "
                              f"{quantize} (load the unquantized checkpoint instead)")
-        return quant.load_quantized(path, dtype=dtype, device=device)
+        model = quant.load_quantized(path, dtype=dtype, device=device)
     else:
         model = load_checkpoint(path, dtype=dtype, device=device, progress=progress)
-    return quant.quantize(model, quantize) if quantize is not None else model
+    if quantize is not None and saved is None:
+        model = quant.quantize(model, quantize)
+        kernels.prefer_huge_pages(model, collapse=True)  # the quantized weights were written as they were made
+    return model
 
 
 def load_tokenizer(path_or_preset: str | os.PathLike | None = None):
