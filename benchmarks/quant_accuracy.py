@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import mixtral
 from mixtral import kernels, quant
+from mixtral.bench import cache_flusher
 
 STDLIB_FILES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py", "typing.py",
                 "pathlib.py", "json/decoder.py", "collections/__init__.py", "logging/__init__.py")
@@ -132,16 +133,18 @@ class OtherProcesses:
         return max(0.0, (now[0] - self.start[0]) / (now[1] - self.start[1]))
 
 
-def best_of(candidates: dict, x: torch.Tensor, min_seconds: float) -> dict[str, float]:
+def best_of(candidates: dict, x: torch.Tensor, min_seconds: float, flush) -> dict[str, float]:
     """Fastest milliseconds of each candidate on x, timed in interleaved rounds for about `min_seconds` each (at
-    least 5 rounds), after a warm-up round. The minimum, not the median: on a shared machine other processes only
-    ever add time, and interleaving spreads what they add over all candidates alike."""
+    least 5 rounds), after a warm-up round, each call after `flush()` (weights come from memory, as in decoding).
+    The minimum, not the median: on a shared machine other processes only ever add time, and interleaving spreads
+    what they add over all candidates alike."""
     best = {name: float("inf") for name in candidates}
     for fn in candidates.values():
         fn(x)
     start, rounds = time.perf_counter(), 0
     while time.perf_counter() - start < min_seconds * len(candidates) or rounds < 5:
         for name, fn in candidates.items():
+            flush()
             t = time.perf_counter()
             fn(x)
             best[name] = min(best[name], time.perf_counter() - t)
@@ -152,6 +155,7 @@ def best_of(candidates: dict, x: torch.Tensor, min_seconds: float) -> dict[str, 
 def kernel_timings(args: argparse.Namespace) -> None:
     groups = [int(g) for g in args.group_sizes.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
+    flush = cache_flusher()
     others = OtherProcesses()
     names = ["bf16 F.linear", "bf16 mixtral"] + ["int8"] + [f"int4 g{g}" for g in groups]
     print(f"{'weight':<14}{'rows':>5}" + "".join(f"{n:>15}" for n in names) + "   (best ms; speedup vs bf16 F.linear)")
@@ -166,7 +170,7 @@ def kernel_timings(args: argparse.Namespace) -> None:
                                                                                                 group_size=group or 128)
         for m in rows:
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-            ms = best_of(candidates, x, args.min_seconds)
+            ms = best_of(candidates, x, args.min_seconds, flush)
             cells = "".join(f"{ms[name]:>8.2f} {ms['bf16 F.linear'] / ms[name]:>4.1f}x" for name in names)
             print(f"{n}x{k:<8}{m:>5}{cells}", flush=True)
     print(f"# other processes used {others.share():.0%} of the CPUs meanwhile" if others.share() is not None else "")

@@ -68,7 +68,7 @@ KERNEL_DTYPE = torch.bfloat16
 # integer kernels' time grows with the rows, the expansion is paid once (see the module docstring; measured with
 # `benchmarks/quant_accuracy.py --kernels --rows 8,16,32,64,128`).
 INT8_GEMM_ROWS = 16
-INT4_GEMV_ROWS = 32
+INT4_GEMV_ROWS = 20 if kernels.AMX else 32  # the expansion + GEMM wins earlier where torch's GEMM runs on AMX
 
 _BF16_TINY = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group: any nonzero value works
 _ATTENTION = ("wq", "wk", "wv", "wo")
