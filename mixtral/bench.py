@@ -70,22 +70,12 @@ def timed(fn: Callable[[], object], repeats: int, min_seconds: float, warmup: in
     return min(times) if best else statistics.median(times)
 
 
-def last_level_cache_bytes() -> int:
-    """The largest CPU cache, from sysfs (0 when unknown)."""
-    sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = path.read_text().strip()
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-        sizes.append(int(text.rstrip("KMG")) * scale)
-    return max(sizes, default=0)
-
-
 def cache_flusher(min_bytes: int = 256 * 2**20) -> Callable[[], object]:
     """A function that reads twice the last-level cache's size (at least `min_bytes`), evicting what a timed call
     left there. Decoding reads each layer's experts once per token, so they come from memory; a layer timed in a
     loop would otherwise be served from a cache as large as its active experts (480 MB of L3 on the Xeon of
     2026-12-01, more than two int4 experts of Mixtral-8x7B)."""
-    junk = torch.ones(max(min_bytes, 2 * last_level_cache_bytes()) // 4)
+    junk = torch.ones(max(min_bytes, 2 * kernels.last_level_cache_bytes()) // 4)
     return junk.sum
 
 
@@ -340,7 +330,7 @@ def bench_moe(args: argparse.Namespace) -> dict:
     info = provenance(args)
     print_provenance(info)
 
-    llc = last_level_cache_bytes()
+    llc = kernels.last_level_cache_bytes()
     bandwidth_gb = max(args.bandwidth_gb, 4 * llc / 1e9)  # mostly out of the cache, which keeps what it last read
     bandwidth = read_bandwidth(bandwidth_gb)
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s (sum of a {bandwidth_gb:g} GB float32 tensor, "

@@ -10,11 +10,12 @@ Never the router (PITFALLS 7: a quantized gate changes which experts run), the e
 Kernels (CPU), chosen by the rows of x (the crossovers measured on Mixtral-8x7B's expert matrices, 2 threads;
 `benchmarks/quant_accuracy.py --kernels`, table in docs/performance.md):
     int8: torch's `_weight_int8pack_mm` below INT8_GEMM_ROWS rows (its time grows with every row: at 16 rows it
-          is already slower than bf16); from there the weight is expanded to bf16 (`kernels.dequant_int8`, about
-          10 ms for 28672 x 4096) and multiplied by torch's bf16 GEMM.
+          is already slower than bf16); from there the weight is expanded to bf16 (`kernels.dequant_int8`) and
+          multiplied by torch's bf16 GEMM, a cache-sized tile of output rows at a time (`EXPANDED_TILE_BYTES`).
     int4: mixtral's own `kernels.gemv_int4` (AVX512-BF16; faster than torch's `_weight_int4pack_mm_for_cpu`, whose
           packed layout is also opaque and differs between CPUs) below INT4_GEMV_ROWS rows; from there
-          `kernels.dequant_int4` + the bf16 GEMM (torch's int4 kernel costs 2.5x the bf16 GEMM at 128+ rows).
+          `kernels.dequant_int4` + the bf16 GEMM in tiles, as int8 (torch's int4 kernel costs 2.5x the bf16 GEMM
+          at 128+ rows).
 Both run in bfloat16 whatever the model's dtype (the float32 paths of torch's kernels are scalar loops, 10-50x
 slower): x is cast to bf16 for the product and the result cast back to x's dtype. Scales and zeros are bf16
 numbers, rounded *before* the integers are computed, so every kernel multiplies by exactly the stored values.
@@ -67,8 +68,14 @@ KERNEL_DTYPE = torch.bfloat16
 # From these many rows of x, the quantized weight is expanded to bf16 and multiplied by torch's bf16 GEMM: the
 # integer kernels' time grows with the rows, the expansion is paid once (see the module docstring; measured with
 # `benchmarks/quant_accuracy.py --kernels --rows 8,16,32,64,128`).
-INT8_GEMM_ROWS = 16
-INT4_GEMV_ROWS = 20 if kernels.AMX else 32  # the expansion + GEMM wins earlier where torch's GEMM runs on AMX
+# Where torch's GEMM runs on AMX, the expansion + GEMM wins earlier: from 12 rows for both (Xeon of 2026-12-01,
+# 28672x4096 and 4096x14336; benchmarks/quant_accuracy.py --kernels and docs/performance.md).
+INT8_GEMM_ROWS = 12 if kernels.AMX else 16
+INT4_GEMV_ROWS = 12 if kernels.AMX else 32
+# Output rows expanded to bf16 at a time for the GEMM path: a tile that stays in the last-level cache between its
+# expansion and its product, yet big enough for torch's GEMM to run at speed (Xeon of 2026-12-01, 480 MB L3:
+# 16-32 MB tiles measured best, 2-4 MB ones slower than no tiling). A quarter of the cache, within those bounds.
+EXPANDED_TILE_BYTES = min(24 << 20, max(4 << 20, kernels.last_level_cache_bytes() // 4))
 
 _BF16_TINY = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group: any nonzero value works
 _ATTENTION = ("wq", "wk", "wv", "wo")
@@ -153,15 +160,29 @@ class QuantizedWeight:
         w = dequantize_int4(kernels.unpack_int4(self.qweight), self.scales, self.zeros, dtype)
         return w[:, :self.in_features] if self.padding else w
 
-    def _bf16_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The weight expanded to bf16 by the C dequantizers, or None where they do not run. Into a reused buffer
-        unless autograd will keep the weight for the backward pass."""
-        if not kernels.dequant_available():
-            return None
-        scratch = not (torch.is_grad_enabled() and x.requires_grad)
+    def _bf16_weight(self, rows: slice = slice(None), scratch: bool = True) -> torch.Tensor:
+        """Output rows `rows` of the weight expanded to bf16 by the C dequantizers (in the stored layout, padding
+        included), into this thread's reused buffer with `scratch`."""
         if self.mode == "int8":
-            return kernels.dequant_int8(self.qweight, self.scales.to(KERNEL_DTYPE), scratch)
-        return kernels.dequant_int4(self.qweight, self.scales, self.zeros, scratch)
+            return kernels.dequant_int8(self.qweight[rows], self.scales[rows].to(KERNEL_DTYPE), scratch)
+        return kernels.dequant_int4(self.qweight[rows], self.scales[rows], self.zeros[rows], scratch)
+
+    def _expanded_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x · wᵀ through torch's bf16 GEMM on the expanded weight. Without autograd, in tiles of output rows that
+        stay in the last-level cache (`EXPANDED_TILE_BYTES`): the whole expanded weight would go out to memory
+        and be read back, which cost 37 ms against 27 for 128 rows through 28672x4096 (bf16 itself: 24.5) on the
+        Xeon of 2026-12-01. Autograd keeps the whole weight for its backward pass instead."""
+        x = self._stored_layout(x).to(KERNEL_DTYPE).contiguous()
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, self._bf16_weight(scratch=False))
+        n, k = self.out_features, x.shape[1]
+        tile = max(64, EXPANDED_TILE_BYTES // (2 * k) // 64 * 64)
+        if tile >= n:
+            return F.linear(x, self._bf16_weight())
+        y = torch.empty(x.shape[0], n, dtype=KERNEL_DTYPE)
+        for n0 in range(0, n, tile):
+            y[:, n0:n0 + tile] = F.linear(x, self._bf16_weight(slice(n0, n0 + tile)))
+        return y
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> x · wᵀ [n, out] in x's dtype."""
@@ -174,8 +195,8 @@ class QuantizedWeight:
         elif self.mode == "int8" and few and rows < INT8_GEMM_ROWS and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales.to(KERNEL_DTYPE))
             return y.to(x.dtype)
-        elif (w := self._bf16_weight(x)) is not None:
-            return F.linear(self._stored_layout(x).to(KERNEL_DTYPE), w).to(x.dtype)
+        elif kernels.dequant_available():
+            return self._expanded_linear(x).to(x.dtype)
         else:
             _fallback(f"no {self.mode} kernel on this CPU (no AVX512-BF16 or no C compiler)")
         return F.linear(x, self.dequantize(x.dtype))  # dequantize() drops the padding columns

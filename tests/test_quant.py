@@ -103,6 +103,27 @@ def test_every_kernel_path_gives_the_same_product(mode, rows, k, monkeypatch):
         assert _rel(y, want) < 6e-3
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k", [256, 688])
+def test_expansion_in_tiles_equals_the_whole_expanded_weight(mode, k, monkeypatch):
+    # 96 output rows in tiles of 64 (the last one short): each tile is expanded into the one reused buffer and
+    # multiplied before the next overwrites it; with autograd the whole weight is expanded once instead.
+    linear = quant.quantize_linear(_linear(96, k, torch.bfloat16), mode, group_size=64)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    whole = linear(x)
+    stored = linear._weight().qweight.shape[1] * (2 if mode == "int4" else 1)  # inputs, padding included
+    monkeypatch.setattr(quant, "EXPANDED_TILE_BYTES", 64 * 2 * stored)  # 64 rows of bf16
+    expansions = []
+    expand = getattr(quant.kernels, f"dequant_{mode}")
+    monkeypatch.setattr(quant.kernels, f"dequant_{mode}", lambda *a: expansions.append(a[0].shape[0]) or expand(*a))
+    tiled = linear(x)
+    assert expansions == [64, 32]
+    assert torch.equal(tiled, whole)
+    assert _rel(tiled, F.linear(x.float(), linear.weight.float())) < 6e-3
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(linear(xg), whole, rtol=0, atol=0)
+
+
 def test_model_to_dtype_keeps_int4_scales_exact():
     linear = quant.quantize_linear(_linear(64, 128, torch.float32), "int4", group_size=32)
     scales, bias = linear.scales.clone(), linear.bias.clone()

@@ -35,6 +35,18 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache, from sysfs (0 when unknown)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=0)
+
+
 # Whether torch's bf16 GEMM runs on AMX tiles here (Intel Xeon since Sapphire Rapids). It then multiplies 8 rows by
 # a 28672x4096 matrix in 9.7 ms against 12.8 for our kernel (AVX512 registers run out of rows to share each weight
 # load with), while on the AMD EPYC of 2026-11-23 the two were even at 8 rows (docs/performance.md).
