@@ -61,7 +61,8 @@ def _library() -> ctypes.CDLL | None:
         log.info("mixtral kernels disabled by MIXTRAL_KERNELS=0; using torch's linear")
         return None
     source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source).hexdigest()[:16]
+    extra = os.environ.get("MIXTRAL_KERNEL_CFLAGS", "").split()  # for benchmarks (gemv.c's PREFETCH_ROWS)
+    tag = hashlib.sha256(source + " ".join(extra).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MIXTRAL_CACHE", Path.home() / ".cache" / "mixtral")) / "kernels"
     lib = cache / f"gemv-{tag}.so"
     if not lib.exists():
@@ -69,7 +70,7 @@ def _library() -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / lib.name
             cmd = [os.environ.get("CC", "cc"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-                   str(_SOURCE), "-o", str(out)]
+                   *extra, str(_SOURCE), "-o", str(out)]
             try:
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
             except (OSError, subprocess.CalledProcessError) as e:

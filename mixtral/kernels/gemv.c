@@ -32,8 +32,12 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
 // Software prefetch, into L2, of the weight rows this many rows ahead: the hardware prefetcher alone left the
 // int4 kernel at 7.5 GB/s from a cold cache (its rows are 2 KB, short streams) and the bf16 one at 25; with it,
 // 17 and 28 GB/s (2 threads, Xeon of 2026-12-01, 4 KB pages; docs/performance.md). Distances 2-32 measured alike.
-#define PF 8
-#define PFB 4
+// PREFETCH_ROWS=0 (MIXTRAL_KERNEL_CFLAGS=-DPREFETCH_ROWS=0) builds without it, for benchmarks/cold_gemv.py.
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 8
+#endif
+#define PF PREFETCH_ROWS
+#define PFB (PREFETCH_ROWS / 2)
 
 
 
@@ -52,7 +56,8 @@ static void bf16_block(const uint16_t *x, int M, const uint16_t *W, int K, float
             const uint16_t *w[4];
             for (int r = 0; r < 4; r++) w[r] = W + (long)(n + (r < nb ? r : 0)) * K;  // short block: repeat row 0
             for (int k = 0; k < K; k += 32) {
-                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + PFB * K + k), _MM_HINT_T1);
+                if (PFB)
+                    for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w[r] + PFB * K + k), _MM_HINT_T1);
                 __m512bh a0 = (__m512bh)_mm512_loadu_si512(w[0] + k);
                 __m512bh a1 = (__m512bh)_mm512_loadu_si512(w[1] + k);
                 __m512bh a2 = (__m512bh)_mm512_loadu_si512(w[2] + k);
@@ -106,7 +111,7 @@ static inline __attribute__((always_inline)) void int4_rows(const uint16_t *xm, 
             __m512 acc0[MAX_ROWS], acc1[MAX_ROWS];
             for (int m = 0; m < MB; m++) { acc0[m] = _mm512_setzero_ps(); acc1[m] = _mm512_setzero_ps(); }
             for (int k = g * G; k < (g + 1) * G; k += 32) {
-                if ((k & 127) == 0) {  // once per 64-byte line
+                if (PF && (k & 127) == 0) {  // once per 64-byte line
                     _mm_prefetch((const char *)(q0 + PF * (K / 2) + k / 2), _MM_HINT_T1);
                     _mm_prefetch((const char *)(q1 + PF * (K / 2) + k / 2), _MM_HINT_T1);
                 }
@@ -160,8 +165,10 @@ static inline __attribute__((always_inline)) void int4_rows_pairs(const uint16_t
                 lo1[m] = _mm512_setzero_ps(); hi1[m] = _mm512_setzero_ps();
             }
             for (int k = g * G; k < (g + 1) * G; k += 64) {
-                _mm_prefetch((const char *)(q0 + PF * (K / 2) + k / 2), _MM_HINT_T1);
-                _mm_prefetch((const char *)(q1 + PF * (K / 2) + k / 2), _MM_HINT_T1);
+                if (PF) {
+                    _mm_prefetch((const char *)(q0 + PF * (K / 2) + k / 2), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(q1 + PF * (K / 2) + k / 2), _MM_HINT_T1);
+                }
                 __m512i v0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q0 + k / 2)));
                 __m512i v1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q1 + k / 2)));
                 __m512bh a0 = (__m512bh)_mm512_ternarylogic_epi32(v0, low, magic, 0xEA);  // (v & low) | magic
