@@ -91,7 +91,8 @@ def read_bandwidth(gb: float, repeats: int = 5) -> float:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, with the core count and whether it has AVX512-BF16."""
+    """The CPU's model name from /proc/cpuinfo, with the core count, whether it has AVX512-BF16 and AMX-BF16 (the
+    kernels' and torch's GEMM's paths differ with them) and its last-level cache."""
     name, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -102,7 +103,9 @@ def cpu_model() -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} cpus{', avx512_bf16' if 'avx512_bf16' in flags else ''})"
+    features = "".join(f", {f}" for f in ("avx512_bf16", "amx_bf16") if f in flags)
+    cache = kernels.last_level_cache_bytes()
+    return f"{name} ({os.cpu_count()} cpus{features}{f', {cache >> 20} MB cache' if cache else ''})"
 
 
 def load_average() -> str:
@@ -217,7 +220,9 @@ MOE_EPILOG = """\
 Times one MoE layer on x [1, T, dim] for each T: ours (mixtral.moe.MoE, bf16 and the quantized copies) and
 transformers' MixtralSparseMoeBlock with its "eager" and "grouped_mm" experts implementations, all on the same
 weight tensors and the same input. Columns:
-  ms        median wall time of one forward after a warm-up call (none for a row that failed its check)
+  ms        median wall time of one forward after a warm-up call, each timed call after reading twice the
+            last-level cache of other memory (weights come from memory, as in decoding; none for a row that
+            failed its check)
   GFLOP/s   active FLOPs (2·T·top_k·3·dim·hidden, plus the router) per second
   GB/s      bytes of the distinct experts this input routes to (at the row's bytes per weight, scales included),
             plus the router and the activations, per second
