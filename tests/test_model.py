@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mixtral
+from mixtral import kernels
 from mixtral.moe import moe_grouped, moe_reference, route
 
 from conftest import hf_mistral, hf_mixtral
@@ -79,6 +80,22 @@ def test_dispatches_agree_on_uneven_routing():
     weights, experts = route(logits, 2)
     assert not (experts >= 4).any()
     torch.testing.assert_close(moe_grouped(x, w13, w2, weights, experts), moe_reference(x, w13, w2, weights, experts))
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_inference_dispatch_equals_float32_reference(amx, monkeypatch):
+    # bf16 weights, no autograd, enough rows per expert for the GEMM paths: with AMX they compute (W xᵀ)ᵀ
+    # (`moe._transposed_pays`), forced here on any CPU; both must stay within bf16 rounding of float32.
+    monkeypatch.setattr(kernels, "AMX", amx)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 32, generator=g)
+    w13, w2 = torch.randn(4, 48, 32, generator=g) * 0.2, torch.randn(4, 32, 24, generator=g) * 0.2
+    weights, experts = route(torch.randn(64, 4, generator=g), 2)
+    want = moe_reference(x, w13, w2, weights, experts)
+    with torch.no_grad():
+        got = moe_grouped(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), weights, experts)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
 def test_route_is_softmax_over_top_k():
