@@ -179,6 +179,14 @@ class QuantizedWeight:
         tile = max(64, EXPANDED_TILE_BYTES // (2 * k) // 64 * 64)
         if tile >= n:
             return F.linear(x, self._bf16_weight())
+        if kernels.AMX and 4 * len(x) <= tile:
+            # (W xᵀ)ᵀ, as `moe.swiglu` does for bf16: oneDNN repacks xᵀ for the AMX tiles instead of each weight
+            # tile. 64 rows through 28672x4096: 13.7 against 20.7 ms; with more rows than a quarter of the tile,
+            # repacking xᵀ for every tile costs more (512 rows through 4096x14336: 51 against 30 ms).
+            yt = torch.empty(n, len(x), dtype=KERNEL_DTYPE)
+            for n0 in range(0, n, tile):
+                torch.mm(self._bf16_weight(slice(n0, n0 + tile)), x.t(), out=yt[n0:n0 + tile])
+            return yt.t()
         y = torch.empty(x.shape[0], n, dtype=KERNEL_DTYPE)
         for n0 in range(0, n, tile):
             y[:, n0:n0 + tile] = F.linear(x, self._bf16_weight(slice(n0, n0 + tile)))
