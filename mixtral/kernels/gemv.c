@@ -25,22 +25,20 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
     return (uint16_t)(u >> 16);
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-
-#define MAX_ROWS 4
 // Software prefetch, into L2, of the weight rows this many rows ahead: the hardware prefetcher alone left the
-// int4 kernel at 7.5 GB/s from a cold cache (its rows are 2 KB, short streams) and the bf16 one at 25; with it,
-// 17 and 28 GB/s (2 threads, Xeon of 2026-12-01, 4 KB pages; docs/performance.md). Distances 2-32 measured alike.
-// PREFETCH_ROWS=0 (MIXTRAL_KERNEL_CFLAGS=-DPREFETCH_ROWS=0) builds without it, for benchmarks/cold_gemv.py.
+// int4 kernel at 9.4 GB/s from a cold cache (its rows are 2 KB, short streams) and the bf16 one at 29; with it,
+// 15.6 and 32.5 GB/s (2 threads, Xeon of 2026-12-01; benchmarks/cold_gemv.py). Distances 2-32 measured alike.
+// PREFETCH_ROWS=0 (MIXTRAL_KERNEL_CFLAGS=-DPREFETCH_ROWS=0) builds without it, for that benchmark.
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
 #define PF PREFETCH_ROWS
 #define PFB (PREFETCH_ROWS / 2)
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
 
-
+#define MAX_ROWS 4   // rows of x held in registers at once: 4 weight rows x 4 accumulators + loads < 32 zmm
 
 // y[m * ldy + n] for n in [n0, n1): x is [M, K] bf16 (row stride K), W is [N, K] bf16 (row stride K).
 // Four weight rows at a time, so that each load of x serves four rows of W.
