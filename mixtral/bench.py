@@ -751,7 +751,7 @@ def _add_bench_commands(parser: argparse.ArgumentParser) -> None:
                    help="transformers experts implementations to time; the first is the ratios' reference "
                         "(default: grouped_mm,eager)")
     p.add_argument("--check-tokens", type=int, default=8, help="greedy tokens compared with transformers (default: 8)")
-    common(p, repeats=3)
+    common(p, repeats=5)
     p.set_defaults(run=run_e2e)
 
     from mixtral.serve.bench import add_serve_benchmark  # the server sits above the benchmarks: imported late

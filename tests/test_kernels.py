@@ -33,6 +33,18 @@ def test_matmul_dispatch_keeps_shape_and_dtype():
     torch.testing.assert_close(out.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [12, 40])  # past MAX_ROWS on any CPU
+def test_matmul_transposed_form_for_amx_equals_linear(rows, monkeypatch):
+    # Forced on any CPU: (W xᵀ)ᵀ, copied back to [..., N], is the same product as F.linear within bf16 rounding.
+    monkeypatch.setattr(kernels, "AMX", True)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, rows, 96, generator=g).to(torch.bfloat16)
+    w = (torch.randn(160, 96, generator=g) * 0.1).to(torch.bfloat16)
+    y = kernels.matmul(x, w)
+    assert y.shape == (1, rows, 160) and y.dtype == torch.bfloat16 and y.is_contiguous()
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
+
+
 def test_matmul_falls_back_where_the_kernel_does_not_apply():
     # float32, odd K, many rows, autograd: all must still equal F.linear.
     for x, w in [(torch.randn(3, 64), torch.randn(8, 64)),
