@@ -59,7 +59,7 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
     """One expert: w2 · (silu(w1 · x) * (w3 · x)), with w1 and w3 stacked in w13. x: [n, dim]."""
-    if _transposed_pays(x, w13):
+    if kernels.AMX and kernels.bf16_inference(x, w13) and len(x) > kernels.MAX_ROWS:
         # (W xᵀ)ᵀ instead of x Wᵀ: on AMX, oneDNN repacks the B operand of every product for its tiles, and here
         # that is xᵀ (n rows) instead of the 28672x4096 weight. 128 rows through w13: 17.9 against 23.7 ms, w2
         # 9.0 against 10.7 (Xeon of 2026-12-01, cold cache). The hidden activations stay [2·hidden, n]. Rows are
@@ -72,14 +72,6 @@ def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
         return torch.mm(w2, F.silu(gate) * up)[:, :n].t()
     gate, up = linear(x, w13).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w2)
-
-
-def _transposed_pays(x: torch.Tensor, w) -> bool:
-    """Whether `swiglu` computes transposed: bf16 weights on a CPU whose torch GEMM runs on AMX, more rows than
-    the decoding kernel takes, no autograd (the training path has its own products)."""
-    return (kernels.AMX and isinstance(w, torch.Tensor) and w.dtype == x.dtype == torch.bfloat16
-            and w.device.type == "cpu" and x.shape[0] > kernels.MAX_ROWS
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
 def capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:

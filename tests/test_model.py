@@ -85,7 +85,7 @@ def test_dispatches_agree_on_uneven_routing():
 @pytest.mark.parametrize("amx", [False, True])
 def test_bf16_inference_dispatch_equals_float32_reference(amx, monkeypatch):
     # bf16 weights, no autograd, enough rows per expert for the GEMM paths: with AMX they compute (W xᵀ)ᵀ
-    # (`moe._transposed_pays`), forced here on any CPU; both must stay within bf16 rounding of float32.
+    # (`moe.swiglu`), forced here on any CPU; both must stay within bf16 rounding of float32.
     monkeypatch.setattr(kernels, "AMX", amx)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(64, 32, generator=g)

@@ -118,15 +118,21 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def bf16_inference(x: torch.Tensor, w) -> bool:
+    """Whether x · wᵀ is a bf16 product on the CPU without autograd: what gemv.c and the (W xᵀ)ᵀ form on AMX take
+    (`matmul`, `mixtral.moe.swiglu`)."""
+    return (isinstance(w, torch.Tensor) and w.dtype == x.dtype == torch.bfloat16 and w.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x · wᵀ for x [..., K] and w [N, K], in x's dtype: F.linear, or gemv.c where it is faster."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and not needs_grad and w.device.type == "cpu" and w.shape[1] % 32 == 0 and w.is_contiguous()
-            and x.numel() // w.shape[1] <= MAX_ROWS and available()):
+    rows = x.numel() // w.shape[1]
+    if (bf16_inference(x, w) and w.shape[1] % 32 == 0 and w.is_contiguous() and rows <= MAX_ROWS
+            and available()):
         flat = x.reshape(-1, w.shape[1]).contiguous()
         return gemv_bf16(flat, w).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
-    if (AMX and w.dtype == x.dtype == torch.bfloat16 and not needs_grad and w.device.type == "cpu"
-            and x.numel() // w.shape[1] <= AMX_TRANSPOSED_ROWS):
+    if AMX and bf16_inference(x, w) and rows <= AMX_TRANSPOSED_ROWS:
         # (W xᵀ)ᵀ: oneDNN then repacks xᵀ for the AMX tiles instead of the weight (see `moe.swiglu`); with the copy
         # back to [rows, N], 16 rows through 28672x4096 take 8.0 ms against 9.7, 128 rows 20.1 against 23.7, and
         # 256 rows 36.3 against 30.0 (Xeon of 2026-12-01), hence the bound.
@@ -183,10 +189,11 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: 
 
 # ---- huge pages ------------------------------------------------------------------------------------------------
 # Decoding streams every active weight from memory once per token. With 4 KB pages that is a TLB miss every 4 KB,
-# and on a cold cache the page walks themselves miss: on the 2-core Xeon of 2026-12-01 a 14336x4096x2 bf16 matrix
-# read at 28.0 GB/s from 4 KB pages and 32.5 GB/s from 2 MB ones, the int4 kernel at 17 and 21.5 GB/s
-# (docs/performance.md). Linux backs anonymous memory with 2 MB pages only where asked when THP is in "madvise"
-# mode, the common default, so the weights ask.
+# and on a cold cache the page walks themselves miss: on the 2-core Xeon of 2026-12-01 one row through the int4
+# 28672x4096 matrix read at 15.6 GB/s from 4 KB pages and 18.0 from 2 MB ones (benchmarks/cold_gemv.py; bf16 moved
+# within noise there, 28.0 -> 32.5 GB/s in a C harness of the same kernel; docs/performance.md). Linux backs
+# anonymous memory with 2 MB pages only where asked when THP is in "madvise" mode, the common default, so the
+# weights ask.
 
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # <sys/mman.h>; MADV_COLLAPSE needs Linux 6.1
 _HUGE_PAGE = 2 << 20
