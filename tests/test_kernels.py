@@ -131,8 +131,8 @@ def test_dequant_scratch_is_reused_and_correct():
     assert torch.equal(second, dequant2.to(torch.bfloat16))
 
 
-def _huge_bytes_at(address: int) -> int | None:
-    """AnonHugePages (bytes) of the mapping holding `address`, from /proc/self/smaps; None off Linux."""
+def _smaps_entry(address: int, field: str) -> str | None:
+    """The `field` line's value for the mapping holding `address`, from /proc/self/smaps; None off Linux."""
     try:
         lines = open("/proc/self/smaps").read().splitlines()
     except OSError:
@@ -143,8 +143,8 @@ def _huge_bytes_at(address: int) -> int | None:
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             lo, hi = (int(v, 16) for v in head.split("-"))
             inside = lo <= address < hi
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
+        elif inside and head == field + ":":
+            return line[len(head):].strip()
     return None
 
 
@@ -163,12 +163,17 @@ def _big_module() -> torch.nn.Module:
 
 
 @pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages on this machine")
-def test_weights_advised_before_their_first_write_get_2mb_pages():
+def test_weights_are_advised_for_2mb_pages_before_their_first_write():
     module = _big_module()
+    inside = module.weight.data_ptr() + 16 * 2**20
+    assert "hg" not in _smaps_entry(inside, "VmFlags").split()
     assert kernels.prefer_huge_pages(module) >= 8 * 2**20
+    # The advice is what this code controls; whether the first write then gets 2 MB pages depends on the kernel
+    # having free ones (a fragmented or memory-limited CI machine may fall back to 4 KB pages), so that part is
+    # measured by benchmarks/cold_gemv.py, not asserted here.
+    assert "hg" in _smaps_entry(inside, "VmFlags").split()
     with torch.no_grad():
         module.weight.copy_(torch.arange(module.weight.numel(), dtype=torch.float32).view_as(module.weight))
-    assert _huge_bytes_at(module.weight.data_ptr() + 16 * 2**20) > 0
     assert module.weight[1, 2].item() == 2048 + 2
 
 
