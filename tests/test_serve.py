@@ -387,8 +387,9 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
 def test_disconnect_frees_the_row(servers):
     url, client = servers["busy"], busy_client(servers)
     before = metrics(url)
+    # ignore_eos: a sampled end-of-sequence would end these long requests early and the test with them.
     stream = client.completions.create(model="small", prompt="A long story", max_tokens=1000, temperature=0,
-                                       stream=True)
+                                       stream=True, extra_body={"ignore_eos": True})
     next(iter(stream))
     assert metrics(url)["mixtral_running_sequences"] == 1
     stream.close()  # the client goes away mid-generation
@@ -400,7 +401,8 @@ def test_disconnect_frees_the_row(servers):
     assert after["mixtral_generation_tokens_total"] - before["mixtral_generation_tokens_total"] < 500
     # A client that gives up on a non-streaming request frees its row too (the server checks every 0.5 s).
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/completions", json={"model": "small", "prompt": "Again", "max_tokens": 1000},
+        httpx.post(f"{url}/v1/completions",
+                   json={"model": "small", "prompt": "Again", "max_tokens": 1000, "ignore_eos": True},
                    timeout=httpx.Timeout(10, read=0.5))
     wait_until(lambda: metrics(url)[key] - before[key] == 2)
     assert metrics(url)["mixtral_running_sequences"] == 0
@@ -410,7 +412,8 @@ def test_disconnect_frees_the_row(servers):
 
 def test_full_queue_gets_429_with_retry_after(servers):
     url, client = servers["busy"], busy_client(servers)
-    running = client.completions.create(model="small", prompt="Hold the row", max_tokens=1000, stream=True)
+    running = client.completions.create(model="small", prompt="Hold the row", max_tokens=1000, stream=True,
+                                        extra_body={"ignore_eos": True})
     next(iter(running))
     queued: dict = {}
     thread = threading.Thread(target=lambda: queued.update(
