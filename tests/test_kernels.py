@@ -120,6 +120,49 @@ def test_dequant_int8_equals_the_formula_rounded_to_bf16():
     assert torch.equal(kernels.dequant_int8(q, scale), want)
 
 
+needs_amx = pytest.mark.skipif(not (kernels.AMX and kernels._library() is not None and kernels._library().has_amx),
+                               reason="the kernels are not built for AMX here")
+
+
+def _swiglu_float32(x, w13, w2):
+    gate, up = (x.float() @ w13.float().t()).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2.float().t()
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 31, 33, 100])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_amx_swiglu_matches_float32_and_beats_rounding_each_step(rows, chunked, monkeypatch):
+    if chunked:  # a B chunk of 4 tiles: K walked in several chunks, partial sums through memory, for both products
+        monkeypatch.setattr(kernels, "_B_CHUNK_BYTES", 4 * 1024 * (-(-rows // 32) * 2))
+        assert kernels._k_chunk(256, -(-rows // 32) * 32) == 4 and kernels._k_chunk(224, -(-rows // 32) * 32) == 4
+    g = torch.Generator().manual_seed(rows)
+    dim, hidden = 256, 224
+    x = torch.randn(rows, dim, generator=g).bfloat16()
+    w13 = (torch.randn(2 * hidden, dim, generator=g) * dim ** -0.5).bfloat16()
+    w2 = (torch.randn(dim, hidden, generator=g) * hidden ** -0.5).bfloat16()
+    assert kernels.amx_swiglu_fits(x, w13, w2)
+    got = kernels.amx_swiglu(x, w13, w2)
+    assert got.shape == (rows, dim) and got.dtype == torch.bfloat16
+    want = _swiglu_float32(x, w13, w2)
+    assert (got.float() - want).abs().max() <= 2**-7 * want.abs().max()
+    # torch's bf16 path rounds the gate, the up projection and silu(gate); this one rounds silu(gate) * up once.
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    stepwise = F.linear(F.silu(gate) * up, w2)
+    assert (got.float() - want).abs().mean() <= (stepwise.float() - want).abs().mean()
+
+
+@needs_amx
+def test_amx_swiglu_takes_only_what_it_can():
+    x, w13, w2 = torch.ones(40, 64).bfloat16(), torch.ones(192, 64).bfloat16(), torch.ones(64, 96).bfloat16()
+    assert kernels.amx_swiglu_fits(x, w13, w2)
+    assert not kernels.amx_swiglu_fits(x.float(), w13.float(), w2.float())  # not bf16
+    assert not kernels.amx_swiglu_fits(x, torch.ones(2 * 80, 64).bfloat16(), torch.ones(64, 80).bfloat16())  # 80 % 32
+    assert not kernels.amx_swiglu_fits(x, w13.t().contiguous().t(), w2)  # not contiguous
+    with torch.enable_grad():
+        assert not kernels.amx_swiglu_fits(x, w13.requires_grad_(), w2)  # training: autograd needs torch's ops
+
+
 @needs_dequant
 def test_dequant_scratch_is_reused_and_correct():
     q, scale, zero, dequant = _int4_weight(40, 64, 32, 7)
@@ -158,7 +201,8 @@ def _thp_mode() -> str | None:
 
 def _big_module() -> torch.nn.Module:
     with torch.device("meta"):
-        module = torch.nn.Linear(2048, 4096, bias=False)  # 32 MB in float32
+        module = torch.nn.Linear(4096, 4096, bias=False)  # 64 MB in float32: above glibc's largest mmap threshold
+        # (32 MB), so a fresh mapping, never heap memory an earlier test advised
     return module.to_empty(device="cpu")
 
 
@@ -174,7 +218,7 @@ def test_weights_are_advised_for_2mb_pages_before_their_first_write():
     assert "hg" in _smaps_entry(inside, "VmFlags").split()
     with torch.no_grad():
         module.weight.copy_(torch.arange(module.weight.numel(), dtype=torch.float32).view_as(module.weight))
-    assert module.weight[1, 2].item() == 2048 + 2
+    assert module.weight[1, 2].item() == 4096 + 2
 
 
 @pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages on this machine")
