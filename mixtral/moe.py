@@ -221,16 +221,31 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     counts = torch.bincount(flat_experts, minlength=n_experts + 1)[:n_experts].tolist()
     order = order[:sum(counts)]
     token_of = order // top_k  # which token each sorted assignment belongs to
+    gates = weights.reshape(-1)[order]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if torch.is_grad_enabled() and isinstance(w13, torch.Tensor) and (x.requires_grad or w13.requires_grad):
         ys = _grouped_swiglu_padded(x, w13, w2, flat_experts[order], token_of, counts)
-    else:
+        out.index_add_(0, token_of, ys.float() * gates[:, None])
+        return out.to(x.dtype)
+    rest = []  # (expert, its slice) for torch's GEMM or a quantized weight's own kernel
+    for e, s in _slices(counts):
+        if s.stop - s.start >= kernels.AMX_EXPERT_ROWS and kernels.amx_swiglu_fits(x, w13[e], w2[e]):
+            # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out
+            kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13[e], w2[e])
+        else:
+            rest.append((e, s))
+    if rest:
+        if len(rest) < len(order):  # only some assignments left: gather those
+            picked = torch.cat([torch.arange(s.start, s.stop, device=x.device) for _, s in rest])
+            token_of, gates = token_of[picked], gates[picked]
         xs = x[token_of]  # [assignments, dim], grouped by expert
         ys = torch.empty_like(xs)
-        for e, s in _slices(counts):
-            ys[s] = swiglu(xs[s], w13[e], w2[e])
-    scaled = ys.float() * weights.reshape(-1)[order, None]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_of, scaled)
+        start = 0
+        for e, s in rest:
+            end = start + s.stop - s.start
+            ys[start:end] = swiglu(xs[start:end], w13[e], w2[e])
+            start = end
+        out.index_add_(0, token_of, ys.float() * gates[:, None])
     return out.to(x.dtype)
 
 

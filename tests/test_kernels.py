@@ -133,9 +133,10 @@ def _swiglu_float32(x, w13, w2):
 @pytest.mark.parametrize("rows", [1, 31, 33, 100])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_amx_swiglu_matches_float32_and_beats_rounding_each_step(rows, chunked, monkeypatch):
-    if chunked:  # a B chunk of 4 tiles: K walked in several chunks, partial sums through memory, for both products
-        monkeypatch.setattr(kernels, "_B_CHUNK_BYTES", 4 * 1024 * (-(-rows // 32) * 2))
-        assert kernels._k_chunk(256, -(-rows // 32) * 32) == 4 and kernels._k_chunk(224, -(-rows // 32) * 32) == 4
+    if chunked:  # chunks of 4 tiles: K walked in several chunks, partial sums through memory, for both products
+        columns = -(-rows // 32) * 32
+        monkeypatch.setattr(kernels, "_CHUNK_BYTES", 4 * 1024 * (columns // 16 + 2))
+        assert kernels._k_chunk(256, columns) == 4 and kernels._k_chunk(224, columns) == 4  # 224: 4 + 3 tiles
     g = torch.Generator().manual_seed(rows)
     dim, hidden = 256, 224
     x = torch.randn(rows, dim, generator=g).bfloat16()

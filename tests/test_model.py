@@ -105,8 +105,8 @@ def test_bf16_experts_through_the_amx_kernel_equal_float32_reference(amx_kernel,
     if amx_kernel and not (kernels.AMX and kernels._library() is not None and kernels._library().has_amx):
         pytest.skip("the kernels are not built for AMX here")
     calls = []
-    original = kernels.amx_swiglu
-    monkeypatch.setattr(kernels, "amx_swiglu", lambda *a: calls.append(len(a[0])) or original(*a))
+    original = kernels.amx_swiglu_add
+    monkeypatch.setattr(kernels, "amx_swiglu_add", lambda *a: calls.append(len(a[2])) or original(*a))
     if not amx_kernel:
         monkeypatch.setattr(kernels, "AMX_EXPERT_ROWS", 10**9)
     g = torch.Generator().manual_seed(6)

@@ -61,9 +61,10 @@ def last_level_cache_bytes() -> int:
 AMX = _cpu_has("amx_bf16")
 MAX_ROWS = 5 if AMX else 8  # beyond this many rows of x, torch's GEMM is as fast or faster
 AMX_TRANSPOSED_ROWS = 128  # up to this many rows, `matmul` computes (W xᵀ)ᵀ on AMX (see there)
-# From this many rows an expert runs in amx.c (`amx_swiglu`). The eight experts of a Mixtral-8x7B layer, weights
-# from memory, Xeon of 2026-12-01: 32 rows each 156 ms against torch's 114 (which streams the weights at 25 GB/s
-# there), 64 rows 186 against 218, 128 rows 194 against 248, 512 rows 760 against 805.
+# From this many rows an expert runs in amx.c (`amx_swiglu_add`). The eight experts of a Mixtral-8x7B layer,
+# weights from memory, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows each 110 ms against torch's 116, 32 rows
+# 116 against 111 (torch streams the weights at 25 GB/s there), 64 rows 132 against 211, 128 rows 170 against
+# 248, 160 rows 213 against 308, 256 rows 343 against 340.
 AMX_EXPERT_ROWS = 33
 
 
@@ -98,7 +99,7 @@ def _library() -> ctypes.CDLL | None:
     library.dequant_int4.restype = library.dequant_int8.restype = None
     library.has_amx = AMX and library.amx_request() == 0
     if library.has_amx:
-        library.amx_swiglu.argtypes = [p, i, i, p, p, i, i, p, p, p, p, i, i, i]
+        library.amx_swiglu.argtypes = [p, p, p, i, i, p, p, i, i, p, p, p, p, p, i, i, i]
         library.amx_swiglu.restype = None
     elif AMX:
         log.info("the CPU has AMX but the kernels were not built for it; experts use torch's GEMM")
@@ -171,34 +172,57 @@ def amx_swiglu_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> boo
             and hidden % 32 == 0 and w13.is_contiguous() and w2.is_contiguous() and len(x) > 0)
 
 
-# Bytes of the B operand (the activations) that one chunk of K may hold: half of L2, so that it stays there while
-# all weight rows stream past (a 14336-long K in one piece, 3.7 MB at 128 tokens, ran the down projection at 60%
-# of the speed of chunks of 4096).
-_B_CHUNK_BYTES = _cache_sizes().get(2, 2**21) // 2
+# Bytes of L2 that one chunk of K may fill with its B tiles (the activations, all columns) and the 32 weight rows
+# in flight, so that both stay there while all the weight rows stream past: three quarters of L2. Chunks are
+# whole 4 KB of each weight row where they can be (64 tiles), so the hardware prefetcher, which stops at page
+# boundaries, sees whole pages. Eight experts at 128 rows, weights from memory, Xeon of 2026-12-01: the
+# down projections (K = 14336) in chunks of 128 tiles 176 ms all told, 64 tiles 185, 90-150 tiles (not whole
+# pages) 187-189, 224 tiles (B no longer in L2) 198; at 160 rows, K = 4096 in one chunk 142 ms, in two 161.
+_CHUNK_BYTES = _cache_sizes().get(2, 2**21) * 3 // 4
 
 
 def _k_chunk(k: int, columns: int) -> int:
-    """Tiles of 32 along K per chunk for a B operand of `columns` columns."""
-    return max(1, min(k // 32, _B_CHUNK_BYTES // (columns // 16 * 1024)))
+    """Tiles of 32 along K per chunk, for `columns` columns of B (see `_CHUNK_BYTES`)."""
+    most = max(1, _CHUNK_BYTES // ((columns // 16 + 2) * 1024))  # B: 1 KB a tile per 16 columns; A: 2 KB a tile
+    if most >= 64:
+        most = most // 64 * 64
+    return min(k // 32, most)
+
+
+def amx_swiglu_add(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, scale: torch.Tensor | None,
+                   w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """out[rows] += scale[:, None] * expert(x[rows]) for one SwiGLU expert, w2 · (silu(w1 · x) * (w3 · x)), on AMX
+    tiles (amx.c), gathering the rows and scattering the result inside the kernel. out float32 [*, dim]; x bf16
+    [*, dim]; rows int64 [n], each row once (None: x's rows in order); scale float32 [n] (None: 1). The products
+    accumulate in float32 and silu(gate) * up is rounded to bf16 once (torch's path rounds the gate, the up
+    projection and silu(gate) each, and the expert's output)."""
+    n = len(rows) if rows is not None else len(x)
+    dim, hidden = w2.shape
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape[1] == dim and x.is_contiguous()
+    columns = -(-n // 16) * 16
+    kc1, kc2 = _k_chunk(dim, columns), _k_chunk(hidden, columns)
+    partial1 = _scratch_buffer("partial1", 2 * hidden * columns, torch.float32) if kc1 < dim // 32 else None
+    partial2 = _scratch_buffer("partial2", dim * columns, torch.float32) if kc2 < hidden // 32 else None
+    packed_x = _scratch_buffer("packed_x", dim * columns, torch.bfloat16)
+    packed_h = _scratch_buffer("packed_h", hidden * columns, torch.bfloat16)
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+    if scale is not None:
+        scale = scale.to(torch.float32).contiguous()
+
+    def address(t: torch.Tensor | None):
+        return t.data_ptr() if t is not None else None
+
+    _library().amx_swiglu(x.data_ptr(), address(rows), address(scale), n, columns, w13.data_ptr(), w2.data_ptr(),
+                          dim, hidden, out.data_ptr(), address(partial1), address(partial2), packed_x.data_ptr(),
+                          packed_h.data_ptr(), kc1, kc2, torch.get_num_threads())
 
 
 def amx_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU expert, w2 · (silu(w1 · x) * (w3 · x)), on AMX tiles (amx.c): x [n, dim] bf16 -> [n, dim] bf16.
-    The products accumulate in float32 and silu(gate) * up is rounded to bf16 once (torch's path rounds the gate,
-    the up projection and silu(gate) each)."""
-    n, dim = x.shape
-    hidden = w2.shape[1]
-    columns = -(-n // 32) * 32  # the kernel's blocking: two 16-column tiles
-    kc1, kc2 = _k_chunk(dim, columns), _k_chunk(hidden, columns)
-    y = torch.empty(dim, columns, dtype=torch.float32)
-    packed_x = torch.empty(dim * columns, dtype=torch.bfloat16)
-    packed_h = torch.empty(hidden * columns, dtype=torch.bfloat16)
-    partial = torch.empty(2 * hidden * columns, dtype=torch.float32) if kc1 < dim // 32 else None
-    x = x.contiguous()
-    _library().amx_swiglu(x.data_ptr(), n, columns, w13.data_ptr(), w2.data_ptr(), dim, hidden, y.data_ptr(),
-                          packed_x.data_ptr(), packed_h.data_ptr(), partial.data_ptr() if partial is not None else None,
-                          kc1, kc2, torch.get_num_threads())
-    return y[:, :n].t().to(torch.bfloat16)
+    """One SwiGLU expert on AMX tiles: x [n, dim] bf16 -> [n, dim] bf16 (see `amx_swiglu_add`)."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    amx_swiglu_add(out, x.contiguous(), None, None, w13, w2)
+    return out.to(torch.bfloat16)
 
 
 # ---- int4, group-wise ------------------------------------------------------------------------------------------
@@ -301,6 +325,16 @@ def _output(n: int, k: int, scratch: bool) -> torch.Tensor:
     if buffer is None or buffer.numel() < n * k:
         buffer = _scratch.buffer = torch.empty(n * k, dtype=torch.bfloat16)
     return buffer[: n * k].view(n, k)
+
+
+def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused per-thread buffer of at least `numel` elements (see `_output`: fresh multi-MB tensors fault in
+    their pages on every call; at 128 rows the expert's 20 MB of scratch cost several ms each time)."""
+    buffers = _scratch.__dict__.setdefault("named", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = buffers[name] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scratch: bool = False) -> torch.Tensor:

@@ -2,12 +2,13 @@
 //
 // Why this exists: torch's bf16 GEMM (oneDNN) runs the expert products at 128 tokens about as fast as a dense
 // GEMM when the weights sit in the cache, but in a MoE layer every expert's 352 MB (Mixtral-8x7B) comes from
-// memory and its AMX loops wait on it: the eight experts of a 512-token layer took 245 ms against 165 ms warm.
-// Here the weight rows are the A operand, read in place (16 rows x 64 bytes a tile) while the hardware streams
-// them, the next block's rows are prefetched a share at a time between the tile products, and the activations
-// never leave the kernel: silu(gate) * up is computed from the accumulator tiles and written straight into the
-// tile layout of the down projection's B operand. Xeon of 2026-12-01: the eight experts in 197 ms against
-// 245 (docs/performance.md).
+// memory and its AMX loops wait on it: the eight experts of a 512-token layer took 248 ms against 165 ms warm.
+// Here the weight rows are the A operand, read in place (16 rows x 64 bytes a tile), the next block's rows are
+// prefetched into L1 a share at a time between the tile products, and the activations never leave the kernel:
+// the expert's tokens are gathered from the layer's input, silu(gate) * up is computed from the accumulator
+// tiles straight into the tile layout of the down projection's B operand, and the output is added, weighted by
+// the gates, into the tokens' rows of the layer's output. Xeon of 2026-12-01: the eight experts in 170 ms
+// against 248 (docs/performance.md).
 //
 // Layout of a B operand (the activations, [K, N]) for tdpbf16ps: tiles of 16 "rows" of k pairs x 16 columns x
 // 2 bf16, tile (nb, kb) at ((nb * KB) + kb) * 512 elements: B[kb*32 + 2r + j, nb*16 + c] at r*32 + c*2 + j.
@@ -38,17 +39,18 @@ static void configure_tiles(void) {  // all eight tiles 16 rows x 64 bytes
     _tile_loadconfig(&c);
 }
 
-// x [n, K] bf16 (row stride K) into B tiles of xᵀ [K, N]; columns n..N are zeros (N a multiple of 32).
-static void pack_rows(const uint16_t *x, int n, int K, int N, uint16_t *bp) {
+// Rows rows[0..n) of x (row stride K; x's first n rows when rows is NULL) into B tiles of their transpose
+// [K, N]; columns n..N are zeros (N a multiple of 16).
+static void pack_rows(const uint16_t *x, const int64_t *rows, int n, int K, int N, uint16_t *bp) {
     int KB = K / 32;
     #pragma omp for schedule(static) collapse(2)
     for (int nb = 0; nb < N / 16; nb++)
         for (int kb = 0; kb < KB; kb++) {
             uint32_t *tile = (uint32_t *)(bp + ((long)nb * KB + kb) * 512);  // [16 r][16 c] of bf16 pairs
             for (int c = 0; c < 16; c++) {
-                int row = nb * 16 + c;
-                const uint32_t *src = (const uint32_t *)(x + (long)row * K + kb * 32);
-                for (int r = 0; r < 16; r++) tile[r * 16 + c] = row < n ? src[r] : 0;
+                int t = nb * 16 + c;
+                const uint32_t *src = t < n ? (const uint32_t *)(x + (rows ? rows[t] : t) * (long)K + kb * 32) : NULL;
+                for (int r = 0; r < 16; r++) tile[r * 16 + c] = src ? src[r] : 0;
             }
         }
 }
@@ -93,81 +95,145 @@ static inline void silu_mul_to_tiles(const float *gate, const float *up, int h0,
 #define AMX_PREFETCH 1  // blocks ahead
 #endif
 #ifndef AMX_PREFETCH_HINT
-#define AMX_PREFETCH_HINT _MM_HINT_T0
+#define AMX_PREFETCH_HINT "prefetcht0"  // into L1: the tile loads read from there (prefetcht1, into L2: 190 ms)
 #endif
 
 // The `it`-th of `shares` parts of the cache lines of `rows` rows of `bytes` each (row stride `ld` elements).
+// An asm statement, not _mm_prefetch: GCC 12 deleted the whole loop of builtin prefetches once this was inlined
+// into the tile loop (no instruction left in the library, and the experts 15% slower).
 static inline void prefetch_share(const uint16_t *base, long ld, int rows, long bytes, long it, long shares) {
     long per_row = bytes / 64, total = rows * per_row, per = (total + shares - 1) / shares;
-    for (long l = it * per; l < (it + 1) * per && l < total; l++)
-        _mm_prefetch((const char *)(base + (l / per_row) * ld) + (l % per_row) * 64, AMX_PREFETCH_HINT);
+    long first = it * per, last = first + per < total ? first + per : total;
+    if (first >= last) return;
+    long row = first / per_row, line = first % per_row;
+    for (long l = first; l < last; l++) {
+        const char *p = (const char *)(base + row * ld) + line * 64;
+        __asm__ volatile(AMX_PREFETCH_HINT " (%0)" : : "r"(p));
+        if (++line == per_row) {
+            line = 0;
+            row++;
+        }
+    }
+}
+
+// out[rows[c]][d0 + r] += scale[c] * acc[r][c] for the columns c of one 16x16 accumulator tile that are real
+// tokens (t0 + c < n): the expert's output for those tokens, weighted by their gates and added where they belong.
+static inline void add_tile_to_rows(const float *acc, int d0, int t0, int n, const int64_t *rows,
+                                    const float *scale, float *out, int dim) {
+    const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    for (int c = 0; c < 16 && t0 + c < n; c++) {
+        int t = t0 + c;
+        __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(c)), acc, 4);
+        if (scale) v = _mm512_mul_ps(v, _mm512_set1_ps(scale[t]));
+        float *o = out + (rows ? rows[t] : t) * (long)dim + d0;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v));
+    }
+}
+
+// What the products do with a finished accumulator block (K fully summed).
+typedef struct {
+    int swiglu;  // 1: silu(gate) * up into the next product's B tiles; 0: add to the output rows
+    uint16_t *bp2; int H;  // swiglu
+    int n; const int64_t *rows; const float *scale; float *out; int dim;  // output
+} finish;
+
+// One block of 32 weight rows against column tiles nb and, when `two`, nb + 1, over K tiles [k0, k1). Inlined
+// with `two` constant, so the inner loop has no branch on it.
+static inline __attribute__((always_inline)) void column_pass(
+        const uint16_t *a0, const uint16_t *a1, int K, const uint16_t *bp, int nb, int N, int k0, int k1,
+        float *c0, float *c1, const uint16_t *next0, const uint16_t *next1, long it0, long shares, const int two) {
+    int KB = K / 32;
+    if (k0 == 0) {
+        _tile_zero(0); _tile_zero(2);
+        if (two) { _tile_zero(1); _tile_zero(3); }
+    } else {
+        _tile_loadd(0, c0, N * 4); _tile_loadd(2, c1, N * 4);
+        if (two) { _tile_loadd(1, c0 + 16, N * 4); _tile_loadd(3, c1 + 16, N * 4); }
+    }
+    const uint16_t *b0 = bp + (long)nb * KB * 512, *b1 = b0 + (long)KB * 512;
+    for (int kb = k0; kb < k1; kb++) {
+        if (next0) {
+            prefetch_share(next0, K, 16, (long)(k1 - k0) * 64, it0 + kb - k0, shares);
+            prefetch_share(next1, K, 16, (long)(k1 - k0) * 64, it0 + kb - k0, shares);
+        }
+        _tile_loadd(4, a0 + kb * 32, K * 2);
+        _tile_loadd(5, a1 + kb * 32, K * 2);
+        _tile_loadd(6, b0 + kb * 512, 64);
+        if (two) {
+            _tile_loadd(7, b1 + kb * 512, 64);
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        } else {
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 5, 6);
+        }
+    }
 }
 
 // C = W · B for `blocks` blocks of 32 weight rows: block i is rows [i*step, i*step + 16) and the 16 rows `pair`
 // further on (the next 16 for a plain product; the matching up-projection rows for w13, so that gate and up
-// meet in one block). W [*, K] bf16 row-major; B in tiles (bp, N columns). K is walked in chunks of `kc` tiles,
-// outermost, so one chunk of B stays in L2 for all of W; partial sums wait in c [rows of W, N] float32. The last
-// chunk stores into c (plain) or applies silu * up into bp2 (swiglu). Called inside an OpenMP parallel region.
+// meet in one block). W [*, K] bf16 row-major; B in tiles (bp, N columns, N % 16 == 0). K is walked in chunks
+// of `kc` tiles, outermost, so one chunk of B stays in L2 for all of W; partial sums wait in c [rows of W, N]
+// float32 (unused with one chunk). The last chunk hands each block to `f`. Called inside an OpenMP parallel
+// region.
 static void tile_product(const uint16_t *w, int K, long step, long pair, int blocks, const uint16_t *bp, int N,
-                         int kc, float *c, int swiglu, uint16_t *bp2, int H) {
-    int KB = K / 32, NB = N / 16;
+                         int kc, float *c, const finish *f) {
+    int KB = K / 32, NB = N / 16, passes = (NB + 1) / 2;
     float acc[4][256];
     for (int k0 = 0; k0 < KB; k0 += kc) {
         int k1 = k0 + kc < KB ? k0 + kc : KB, last = k1 == KB;
-        long shares = (long)(NB / 2) * (k1 - k0);
+        long shares = (long)passes * (k1 - k0);
         #pragma omp for schedule(static)
         for (int i = 0; i < blocks; i++) {
             const uint16_t *a0 = w + i * step * K, *a1 = a0 + pair * K;
             // A static schedule gives each thread consecutive blocks: prefetch the one it takes next.
             int ahead = AMX_PREFETCH && i + AMX_PREFETCH < blocks;
+            const uint16_t *next0 = ahead ? a0 + AMX_PREFETCH * step * K + k0 * 32 : NULL;
+            const uint16_t *next1 = ahead ? a1 + AMX_PREFETCH * step * K + k0 * 32 : NULL;
             for (int nb = 0; nb < NB; nb += 2) {
+                int two = nb + 1 < NB;
                 float *c0 = c + i * step * N + nb * 16, *c1 = c0 + pair * N;
-                if (k0 == 0) {
-                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                } else {
-                    _tile_loadd(0, c0, N * 4); _tile_loadd(1, c0 + 16, N * 4);
-                    _tile_loadd(2, c1, N * 4); _tile_loadd(3, c1 + 16, N * 4);
+                long it0 = (long)(nb / 2) * (k1 - k0);
+                if (two) column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, it0, shares, 1);
+                else column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, it0, shares, 0);
+                if (!last) {
+                    _tile_stored(0, c0, N * 4); _tile_stored(2, c1, N * 4);
+                    if (two) { _tile_stored(1, c0 + 16, N * 4); _tile_stored(3, c1 + 16, N * 4); }
+                    continue;
                 }
-                const uint16_t *b0 = bp + (long)nb * KB * 512, *b1 = b0 + (long)KB * 512;
-                for (int kb = k0; kb < k1; kb++) {
-                    if (ahead) {
-                        long it = (long)(nb / 2) * (k1 - k0) + kb - k0;
-                        long next = AMX_PREFETCH * step * K + k0 * 32;
-                        prefetch_share(a0 + next, K, 16, (long)(k1 - k0) * 64, it, shares);
-                        prefetch_share(a1 + next, K, 16, (long)(k1 - k0) * 64, it, shares);
-                    }
-                    _tile_loadd(4, a0 + kb * 32, K * 2);
-                    _tile_loadd(5, a1 + kb * 32, K * 2);
-                    _tile_loadd(6, b0 + kb * 512, 64);
-                    _tile_loadd(7, b1 + kb * 512, 64);
-                    _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-                }
-                if (last && swiglu) {
-                    _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64);
-                    _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
-                    silu_mul_to_tiles(acc[0], acc[2], (int)(i * step), nb, H / 32, bp2);
-                    silu_mul_to_tiles(acc[1], acc[3], (int)(i * step), nb + 1, H / 32, bp2);
-                } else {
-                    _tile_stored(0, c0, N * 4); _tile_stored(1, c0 + 16, N * 4);
-                    _tile_stored(2, c1, N * 4); _tile_stored(3, c1 + 16, N * 4);
+                _tile_stored(0, acc[0], 64); _tile_stored(2, acc[2], 64);
+                if (two) { _tile_stored(1, acc[1], 64); _tile_stored(3, acc[3], 64); }
+                int r0 = (int)(i * step);
+                if (f->swiglu) {
+                    silu_mul_to_tiles(acc[0], acc[2], r0, nb, f->H / 32, f->bp2);
+                    if (two) silu_mul_to_tiles(acc[1], acc[3], r0, nb + 1, f->H / 32, f->bp2);
+                } else {  // rows r0.. and r0 + pair.. of the output's dim, tokens of tiles nb (and nb + 1)
+                    for (int t = 0; t < 4; t++)
+                        if (two || !(t & 1))
+                            add_tile_to_rows(acc[t], r0 + (t >= 2 ? (int)pair : 0), (nb + (t & 1)) * 16, f->n,
+                                             f->rows, f->scale, f->out, f->dim);
                 }
             }
         }
     }
 }
 
-// The expert on the n rows of x [n, dim]: y [dim, N] float32 (columns n..N padding), N = n rounded up to 32.
-// w13 [2H, dim] (gate rows, then up rows), w2 [dim, H]. Scratch: bp1 dim*N and bp2 H*N bf16; partial 2H*N
-// float32, used only when dim needs more than one chunk of `kc1` tiles. dim % 32 == 0, H % 32 == 0.
-void amx_swiglu(const uint16_t *x, int n, int N, const uint16_t *w13, const uint16_t *w2, int dim, int H,
-                float *y, uint16_t *bp1, uint16_t *bp2, float *partial, int kc1, int kc2, int threads) {
+// out[rows[c]] += scale[c] * w2 · (silu(w1 · x[rows[c]]) * (w3 · x[rows[c]])) for c < n: one expert on the
+// tokens the router sent it, added with their gate weights into the layer's float32 output [*, dim] (rows and
+// scale may be NULL: x's first n rows, weight 1). w13 [2H, dim] (gate rows, then up rows), w2 [dim, H]; N = n
+// rounded up to 16. Scratch: bp1 dim*N and bp2 H*N bf16; partial1 2H*N and partial2 dim*N float32, needed only
+// when dim (kc1) or H (kc2) takes more than one chunk. dim % 32 == 0, H % 32 == 0. Each row of `rows` must
+// differ (a token reaches an expert once): threads split the output by dim, not by token.
+void amx_swiglu(const uint16_t *x, const int64_t *rows, const float *scale, int n, int N, const uint16_t *w13,
+                const uint16_t *w2, int dim, int H, float *out, float *partial1, float *partial2, uint16_t *bp1,
+                uint16_t *bp2, int kc1, int kc2, int threads) {
+    finish to_hidden = {1, bp2, H, 0, NULL, NULL, NULL, 0};
+    finish to_output = {0, NULL, 0, n, rows, scale, out, dim};
     #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
-        pack_rows(x, n, dim, N, bp1);  // ends in a barrier, as every omp for here
-        tile_product(w13, dim, 16, H, H / 16, bp1, N, kc1, partial, 1, bp2, H);
-        tile_product(w2, H, 32, 16, dim / 32, bp2, N, kc2, y, 0, NULL, 0);
+        pack_rows(x, rows, n, dim, N, bp1);  // ends in a barrier, as every omp for here
+        tile_product(w13, dim, 16, H, H / 16, bp1, N, kc1, partial1, &to_hidden);
+        tile_product(w2, H, 32, 16, dim / 32, bp2, N, kc2, partial2, &to_output);
         _tile_release();
     }
 }
