@@ -62,9 +62,9 @@ AMX = _cpu_has("amx_bf16")
 MAX_ROWS = 5 if AMX else 8  # beyond this many rows of x, torch's GEMM is as fast or faster
 AMX_TRANSPOSED_ROWS = 128  # up to this many rows, `matmul` computes (W xᵀ)ᵀ on AMX (see there)
 # From this many rows an expert runs in amx.c (`amx_swiglu_add`). The eight experts of a Mixtral-8x7B layer,
-# weights from memory, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows each 110 ms against torch's 116, 32 rows
-# 116 against 111 (torch streams the weights at 25 GB/s there), 64 rows 132 against 211, 128 rows 170 against
-# 248, 160 rows 213 against 308, 256 rows 343 against 340.
+# weights from memory, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows each 110 ms against torch's 116,
+# 32 rows 116 against 111 (torch streams the weights at 25 GB/s there), 64 rows 132 against 211, 128 rows 170
+# against 248, 160 rows 213 against 308, 256 rows 343 against 340.
 AMX_EXPERT_ROWS = 33
 
 

@@ -18,6 +18,7 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -91,8 +92,9 @@ static inline void silu_mul_to_tiles(const float *gate, const float *up, int h0,
 }
 
 // AMX_PREFETCH=0 (MIXTRAL_KERNEL_CFLAGS=-DAMX_PREFETCH=0) builds without the software prefetch, for comparison.
+// It reaches one block ahead: two blocks ahead measured 195 against 173 ms (eight experts, 128 rows).
 #ifndef AMX_PREFETCH
-#define AMX_PREFETCH 1  // blocks ahead
+#define AMX_PREFETCH 1
 #endif
 #ifndef AMX_PREFETCH_HINT
 #define AMX_PREFETCH_HINT "prefetcht0"  // into L1: the tile loads read from there (prefetcht1, into L2: 190 ms)
@@ -141,7 +143,8 @@ typedef struct {
 // with `two` constant, so the inner loop has no branch on it.
 static inline __attribute__((always_inline)) void column_pass(
         const uint16_t *a0, const uint16_t *a1, int K, const uint16_t *bp, int nb, int N, int k0, int k1,
-        float *c0, float *c1, const uint16_t *next0, const uint16_t *next1, long it0, long shares, const int two) {
+        float *c0, float *c1, const uint16_t *next0, const uint16_t *next1, long next_bytes, long it0, long shares,
+        const int two) {
     int KB = K / 32;
     if (k0 == 0) {
         _tile_zero(0); _tile_zero(2);
@@ -153,8 +156,8 @@ static inline __attribute__((always_inline)) void column_pass(
     const uint16_t *b0 = bp + (long)nb * KB * 512, *b1 = b0 + (long)KB * 512;
     for (int kb = k0; kb < k1; kb++) {
         if (next0) {
-            prefetch_share(next0, K, 16, (long)(k1 - k0) * 64, it0 + kb - k0, shares);
-            prefetch_share(next1, K, 16, (long)(k1 - k0) * 64, it0 + kb - k0, shares);
+            prefetch_share(next0, K, 16, next_bytes, it0 + kb - k0, shares);
+            prefetch_share(next1, K, 16, next_bytes, it0 + kb - k0, shares);
         }
         _tile_loadd(4, a0 + kb * 32, K * 2);
         _tile_loadd(5, a1 + kb * 32, K * 2);
@@ -171,30 +174,41 @@ static inline __attribute__((always_inline)) void column_pass(
 
 // C = W · B for `blocks` blocks of 32 weight rows: block i is rows [i*step, i*step + 16) and the 16 rows `pair`
 // further on (the next 16 for a plain product; the matching up-projection rows for w13, so that gate and up
-// meet in one block). W [*, K] bf16 row-major; B in tiles (bp, N columns, N % 16 == 0). K is walked in chunks
-// of `kc` tiles, outermost, so one chunk of B stays in L2 for all of W; partial sums wait in c [rows of W, N]
-// float32 (unused with one chunk). The last chunk hands each block to `f`. Called inside an OpenMP parallel
-// region.
+// meet in one block). W [*, K] bf16 row-major; B in tiles (bp, N columns, N % 16 == 0). Each thread takes a
+// contiguous range of blocks and walks K in chunks of `kc` tiles, outermost, so one chunk of B stays in L2 for
+// all its weight rows; partial sums wait in c [rows of W, N] float32 (unused with one chunk; each block's stay
+// with its thread, so chunks need no barrier). While it computes a block, a thread prefetches the next one it
+// will read: the next block, or its first block's next chunk. The last chunk hands each block to `f`. Called
+// inside an OpenMP parallel region; ends in a barrier.
 static void tile_product(const uint16_t *w, int K, long step, long pair, int blocks, const uint16_t *bp, int N,
                          int kc, float *c, const finish *f) {
     int KB = K / 32, NB = N / 16, passes = (NB + 1) / 2;
+    int threads = omp_get_num_threads(), me = omp_get_thread_num();
+    int share = blocks / threads, extra = blocks % threads;
+    int b0 = me * share + (me < extra ? me : extra), b1 = b0 + share + (me < extra);
     float acc[4][256];
     for (int k0 = 0; k0 < KB; k0 += kc) {
         int k1 = k0 + kc < KB ? k0 + kc : KB, last = k1 == KB;
         long shares = (long)passes * (k1 - k0);
-        #pragma omp for schedule(static)
-        for (int i = 0; i < blocks; i++) {
+        for (int i = b0; i < b1; i++) {
             const uint16_t *a0 = w + i * step * K, *a1 = a0 + pair * K;
-            // A static schedule gives each thread consecutive blocks: prefetch the one it takes next.
-            int ahead = AMX_PREFETCH && i + AMX_PREFETCH < blocks;
-            const uint16_t *next0 = ahead ? a0 + AMX_PREFETCH * step * K + k0 * 32 : NULL;
-            const uint16_t *next1 = ahead ? a1 + AMX_PREFETCH * step * K + k0 * 32 : NULL;
+            const uint16_t *next0 = NULL, *next1 = NULL;
+            long next_bytes = 0;
+            if (AMX_PREFETCH && i + 1 < b1) {
+                next0 = a0 + step * K + k0 * 32;
+                next_bytes = (long)(k1 - k0) * 64;
+            } else if (AMX_PREFETCH && !last) {
+                int k2 = k1 + kc < KB ? k1 + kc : KB;
+                next0 = w + b0 * step * K + k1 * 32;
+                next_bytes = (long)(k2 - k1) * 64;
+            }
+            if (next0) next1 = next0 + pair * K;
             for (int nb = 0; nb < NB; nb += 2) {
                 int two = nb + 1 < NB;
                 float *c0 = c + i * step * N + nb * 16, *c1 = c0 + pair * N;
                 long it0 = (long)(nb / 2) * (k1 - k0);
-                if (two) column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, it0, shares, 1);
-                else column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, it0, shares, 0);
+                if (two) column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, next_bytes, it0, shares, 1);
+                else column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, next_bytes, it0, shares, 0);
                 if (!last) {
                     _tile_stored(0, c0, N * 4); _tile_stored(2, c1, N * 4);
                     if (two) { _tile_stored(1, c0 + 16, N * 4); _tile_stored(3, c1 + 16, N * 4); }
@@ -215,6 +229,7 @@ static void tile_product(const uint16_t *w, int K, long step, long pair, int blo
             }
         }
     }
+    #pragma omp barrier
 }
 
 // out[rows[c]] += scale[c] * w2 · (silu(w1 · x[rows[c]]) * (w3 · x[rows[c]])) for c < n: one expert on the
