@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    library = kernels._library()
-    if not (kernels.AMX and library is not None and library.has_amx):
+    if not kernels.amx_available():
         raise SystemExit("this CPU has no AMX, or the kernels were not built for it: nothing to compare")
     layer = bench.random_moe(args.dim, args.hidden, args.experts, 2, seed=0)
     w13, w2 = layer.w13.data, layer.w2.data

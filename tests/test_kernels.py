@@ -120,8 +120,7 @@ def test_dequant_int8_equals_the_formula_rounded_to_bf16():
     assert torch.equal(kernels.dequant_int8(q, scale), want)
 
 
-needs_amx = pytest.mark.skipif(not (kernels.AMX and kernels._library() is not None and kernels._library().has_amx),
-                               reason="the kernels are not built for AMX here")
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX, or the kernels are not built for it")
 
 
 def _swiglu_float32(x, w13, w2):

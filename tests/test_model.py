@@ -102,7 +102,7 @@ def test_bf16_inference_dispatch_equals_float32_reference(amx, monkeypatch):
 def test_bf16_experts_through_the_amx_kernel_equal_float32_reference(amx_kernel, monkeypatch):
     # Shapes amx.c takes (dim, hidden multiples of 32) and ~64 rows per expert; without the kernel the same
     # experts run through torch's GEMM. Both within bf16 rounding of float32, and the kernel really runs.
-    if amx_kernel and not (kernels.AMX and kernels._library() is not None and kernels._library().has_amx):
+    if amx_kernel and not kernels.amx_available():
         pytest.skip("the kernels are not built for AMX here")
     calls = []
     original = kernels.amx_swiglu_add

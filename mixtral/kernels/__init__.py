@@ -61,6 +61,11 @@ def last_level_cache_bytes() -> int:
 AMX = _cpu_has("amx_bf16")
 MAX_ROWS = 5 if AMX else 8  # beyond this many rows of x, torch's GEMM is as fast or faster
 AMX_TRANSPOSED_ROWS = 128  # up to this many rows, `matmul` computes (W xᵀ)ᵀ on AMX (see there)
+# Bytes of a quantized weight expanded to bf16 at a time for a bf16 product (`mixtral.quant`'s GEMM path and the
+# quantized experts on AMX in `mixtral.moe`): a tile that stays in the last-level cache between its expansion and
+# its product, yet big enough for the product to run at speed (Xeon of 2026-12-01, 480 MB L3: 16-32 MB tiles
+# measured best, 2-4 MB ones slower than no tiling). A quarter of the cache, within those bounds.
+EXPANDED_TILE_BYTES = min(24 << 20, max(4 << 20, last_level_cache_bytes() // 4))
 # From this many rows an expert runs in amx.c (`amx_swiglu_add`). The eight experts of a Mixtral-8x7B layer,
 # weights from memory, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows each 110 ms against torch's 116,
 # 32 rows 116 against 111 (torch streams the weights at 25 GB/s there), 64 rows 132 against 211, 128 rows 170
@@ -161,15 +166,20 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 
+def amx_available() -> bool:
+    """Whether amx.c runs here: a CPU with AMX and kernels built for it."""
+    library = _library() if AMX else None
+    return library is not None and library.has_amx
+
+
 def amx_swiglu_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether `amx_swiglu` takes this expert: bf16 inference on a CPU whose kernels were built for AMX, contiguous
-    weights, dim and hidden multiples of 32."""
+    """Whether `amx_swiglu_add` takes this expert: bf16 inference where amx.c runs, contiguous weights, dim and
+    hidden multiples of 32."""
     if not (AMX and bf16_inference(x, w13) and isinstance(w2, torch.Tensor) and w2.dtype == torch.bfloat16):
         return False
     dim, hidden = w2.shape
-    library = _library()
-    return (library is not None and library.has_amx and w13.shape == (2 * hidden, dim) and dim % 32 == 0
-            and hidden % 32 == 0 and w13.is_contiguous() and w2.is_contiguous() and len(x) > 0)
+    return (amx_available() and w13.shape == (2 * hidden, dim) and dim % 32 == 0 and hidden % 32 == 0
+            and w13.is_contiguous() and w2.is_contiguous() and len(x) > 0)
 
 
 # Bytes of L2 that one chunk of K may fill with its B tiles (the activations, all columns) and the 32 weight rows
@@ -327,6 +337,11 @@ def _output(n: int, k: int, scratch: bool) -> torch.Tensor:
     return buffer[: n * k].view(n, k)
 
 
+def _checked_output(out: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    assert out.shape == (n, k) and out.dtype == torch.bfloat16 and out.is_contiguous(), "out: contiguous bf16 [N, K]"
+    return out
+
+
 def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A reused per-thread buffer of at least `numel` elements (see `_output`: fresh multi-MB tensors fault in
     their pages on every call; at 128 rows the expert's 20 MB of scratch cost several ms each time)."""
@@ -337,23 +352,27 @@ def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
-def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scratch: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """The bf16 weight [N, K] of an int4 weight in `pack_int4`'s layout (scale, zero bfloat16 [N, K/G]).
-    scratch: write into this thread's reused buffer (valid until the next scratch call; not for autograd)."""
+    scratch: write into this thread's reused buffer (valid until the next scratch call; not for autograd).
+    out: write into this contiguous bf16 [N, K] tensor instead."""
     n, half = packed.shape
     groups = scale.shape[1]
     assert scale.dtype == zero.dtype == torch.bfloat16 and packed.dtype == torch.uint8
-    out = _output(n, half * 2, scratch)
+    assert packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
+    out = _output(n, half * 2, scratch) if out is None else _checked_output(out, n, half * 2)
     _library().dequant_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, half * 2,
                             half * 2 // groups, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def dequant_int8(q: torch.Tensor, scale: torch.Tensor, scratch: bool = False) -> torch.Tensor:
-    """The bf16 weight [N, K] of an int8 weight q [N, K] with a bfloat16 scale per row [N]; scratch as in
+def dequant_int8(q: torch.Tensor, scale: torch.Tensor, scratch: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The bf16 weight [N, K] of an int8 weight q [N, K] with a bfloat16 scale per row [N]; scratch and out as in
     `dequant_int4`."""
     n, k = q.shape
-    assert scale.dtype == torch.bfloat16 and q.dtype == torch.int8
-    out = _output(n, k, scratch)
+    assert scale.dtype == torch.bfloat16 and q.dtype == torch.int8 and q.is_contiguous() and scale.is_contiguous()
+    out = _output(n, k, scratch) if out is None else _checked_output(out, n, k)
     _library().dequant_int8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out
