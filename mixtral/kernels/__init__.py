@@ -67,9 +67,9 @@ AMX_TRANSPOSED_ROWS = 128  # up to this many rows, `matmul` computes (W xᵀ)ᵀ
 # measured best, 2-4 MB ones slower than no tiling). A quarter of the cache, within those bounds.
 EXPANDED_TILE_BYTES = min(24 << 20, max(4 << 20, last_level_cache_bytes() // 4))
 # From this many rows an expert runs in amx.c (`amx_swiglu_add`). The eight experts of a Mixtral-8x7B layer,
-# weights from memory, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows each 110 ms against torch's 116,
-# 32 rows 116 against 111 (torch streams the weights at 25 GB/s there), 64 rows 132 against 211, 128 rows 170
-# against 248, 160 rows 213 against 308, 256 rows 343 against 340.
+# weights from memory, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows each 111 ms against torch's 119,
+# 32 rows 117 against 117 (torch streams the weights at 24 GB/s there), 64 rows 131 against 220, 128 rows 178
+# against 254, 160 rows 225 against 285, 256 rows 314 against 349.
 AMX_EXPERT_ROWS = 33
 
 

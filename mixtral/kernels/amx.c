@@ -2,13 +2,13 @@
 //
 // Why this exists: torch's bf16 GEMM (oneDNN) runs the expert products at 128 tokens about as fast as a dense
 // GEMM when the weights sit in the cache, but in a MoE layer every expert's 352 MB (Mixtral-8x7B) comes from
-// memory and its AMX loops wait on it: the eight experts of a 512-token layer took 248 ms against 165 ms warm.
+// memory and its AMX loops wait on it: the eight experts of a 512-token layer took 248 ms against 174 ms warm.
 // Here the weight rows are the A operand, read in place (16 rows x 64 bytes a tile), the next block's rows are
 // prefetched into L1 a share at a time between the tile products, and the activations never leave the kernel:
 // the expert's tokens are gathered from the layer's input, silu(gate) * up is computed from the accumulator
 // tiles straight into the tile layout of the down projection's B operand, and the output is added, weighted by
-// the gates, into the tokens' rows of the layer's output. Xeon of 2026-12-01: the eight experts in 170 ms
-// against 248 (docs/performance.md).
+// the gates, into the tokens' rows of the layer's output. Xeon of 2026-12-01, 128 rows each: the eight experts
+// in 178 ms against 254 (benchmarks/amx_experts.py, docs/performance.md).
 //
 // Layout of a B operand (the activations, [K, N]) for tdpbf16ps: tiles of 16 "rows" of k pairs x 16 columns x
 // 2 bf16, tile (nb, kb) at ((nb * KB) + kb) * 512 elements: B[kb*32 + 2r + j, nb*16 + c] at r*32 + c*2 + j.
