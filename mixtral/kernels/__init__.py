@@ -99,8 +99,8 @@ def _library() -> ctypes.CDLL | None:
             os.replace(out, lib)  # atomic: a concurrent process sees the whole library or none
     library = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
-    library.dequant_int4.argtypes = [p, p, p, i, i, i, p, i]
-    library.dequant_int8.argtypes = [p, p, i, i, p, i]
+    library.dequant_int4.argtypes = [p, ctypes.c_long, p, p, ctypes.c_long, i, i, i, p, i]
+    library.dequant_int8.argtypes = [p, ctypes.c_long, p, i, i, p, i]
     library.dequant_int4.restype = library.dequant_int8.restype = None
     library.has_amx = AMX and library.amx_request() == 0
     if library.has_amx:
@@ -356,14 +356,15 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """The bf16 weight [N, K] of an int4 weight in `pack_int4`'s layout (scale, zero bfloat16 [N, K/G]).
     scratch: write into this thread's reused buffer (valid until the next scratch call; not for autograd).
-    out: write into this contiguous bf16 [N, K] tensor instead."""
+    out: write into this contiguous bf16 [N, K] tensor instead. The inputs may be blocks of columns of bigger
+    tensors (rows of each contiguous, read in place: `QuantizedWeight.expand_into`)."""
     n, half = packed.shape
     groups = scale.shape[1]
     assert scale.dtype == zero.dtype == torch.bfloat16 and packed.dtype == torch.uint8
-    assert packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
+    assert packed.stride(1) == 1 and scale.stride(1) == 1 and zero.stride() == scale.stride()
     out = _output(n, half * 2, scratch) if out is None else _checked_output(out, n, half * 2)
-    _library().dequant_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, half * 2,
-                            half * 2 // groups, out.data_ptr(), torch.get_num_threads())
+    _library().dequant_int4(packed.data_ptr(), packed.stride(0), scale.data_ptr(), zero.data_ptr(), scale.stride(0),
+                            n, half * 2, half * 2 // groups, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -372,7 +373,8 @@ def dequant_int8(q: torch.Tensor, scale: torch.Tensor, scratch: bool = False,
     """The bf16 weight [N, K] of an int8 weight q [N, K] with a bfloat16 scale per row [N]; scratch and out as in
     `dequant_int4`."""
     n, k = q.shape
-    assert scale.dtype == torch.bfloat16 and q.dtype == torch.int8 and q.is_contiguous() and scale.is_contiguous()
+    assert scale.dtype == torch.bfloat16 and q.dtype == torch.int8 and q.stride(1) == 1 and scale.is_contiguous()
     out = _output(n, k, scratch) if out is None else _checked_output(out, n, k)
-    _library().dequant_int8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    _library().dequant_int8(q.data_ptr(), q.stride(0), scale.data_ptr(), n, k, out.data_ptr(),
+                            torch.get_num_threads())
     return out

@@ -244,15 +244,16 @@ static inline void int4_expand16(__m128i bytes, int shift, __m512 s, __m512 z, u
 #endif
 
 // int4 in gemv_int4's packing, w = (q - 8) * s[n, g] + z[n, g], s and z bf16 [N, K/G].
-void dequant_int4(const uint8_t *Q, const uint16_t *S, const uint16_t *Z, int N, int K, int G, uint16_t *out,
-                  int threads) {
+// Row strides: ldq bytes of Q, lds elements of S and Z (a block of columns of a bigger weight, read in place).
+void dequant_int4(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int N, int K, int G,
+                  uint16_t *out, int threads) {
     const int groups = K / G;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
-        const uint8_t *q = Q + (long)n * (K / 2);
+        const uint8_t *q = Q + (long)n * ldq;
         uint16_t *o = out + (long)n * K;
         for (int g = 0; g < groups; g++) {
-            const float s = bf16_to_float(S[(long)n * groups + g]), z = bf16_to_float(Z[(long)n * groups + g]);
+            const float s = bf16_to_float(S[(long)n * lds + g]), z = bf16_to_float(Z[(long)n * lds + g]);
             for (int b = g * G; b < (g + 1) * G; b += 32) {
                 const uint8_t *qb = q + b / 2;
                 uint16_t *ob = o + b;
@@ -272,12 +273,12 @@ void dequant_int4(const uint8_t *Q, const uint16_t *S, const uint16_t *Z, int N,
     }
 }
 
-// int8, per output channel: w = q * s[n], s bf16 [N].
-void dequant_int8(const int8_t *Q, const uint16_t *S, int N, int K, uint16_t *out, int threads) {
+// int8, per output channel: w = q * s[n], s bf16 [N]; rows of Q ldq bytes apart.
+void dequant_int8(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const float s = bf16_to_float(S[n]);
-        const int8_t *q = Q + (long)n * K;
+        const int8_t *q = Q + (long)n * ldq;
         uint16_t *o = out + (long)n * K;
         int k = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
