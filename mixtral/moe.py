@@ -241,7 +241,9 @@ def _expanded_parts(w13, w2):
 def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                 experts: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped dispatch: sort the (token, expert) assignments by expert once, run each expert on its
-    contiguous slice, scale by the gate weights and scatter-add back in one call.
+    contiguous slice, scale by the gate weights and scatter-add back in one call. Experts that amx.c takes (from
+    `kernels.AMX_EXPERT_ROWS` rows, bf16 or quantized) gather their rows and add their gated outputs inside the
+    kernel instead.
 
     Same arguments and result as `moe_reference`. Dropped assignments are sorted past the last expert and
     never computed.
@@ -275,7 +277,7 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
         else:
             rest.append((e, s))
     if rest:
-        if len(rest) < len(order):  # only some assignments left: gather those
+        if sum(s.stop - s.start for _, s in rest) < len(order):  # amx.c took some: gather only the others
             picked = torch.cat([torch.arange(s.start, s.stop, device=x.device) for _, s in rest])
             token_of, gates = token_of[picked], gates[picked]
         xs = x[token_of]  # [assignments, dim], grouped by expert
