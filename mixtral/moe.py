@@ -271,6 +271,8 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
         elif kernels.amx_swiglu_fits(x, w13e, w2e):
             # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out
             kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13e, w2e)
+        elif kernels.amx_int8_fits(x, w13e, w2e):  # amx.c expands the int8 rows as it goes
+            kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13e, w2e)
         elif _expands_for_amx(x, w13e, w2e):
             for w13_part, w2_part in _expanded_parts(w13e, w2e):
                 kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13_part, w2_part)

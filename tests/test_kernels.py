@@ -167,6 +167,33 @@ def test_amx_swiglu_matches_float32_and_beats_rounding_each_step(rows, chunked, 
 
 
 @needs_amx
+@pytest.mark.parametrize("chunked", [False, True])
+def test_amx_swiglu_on_int8_weights_equals_their_dequantized_expert(chunked, monkeypatch):
+    from mixtral import quant
+    rows, dim, hidden = 70, 256, 224
+    columns = -(-rows // 16) * 16
+    if chunked:  # several K chunks: each block's int8 rows expanded per chunk
+        monkeypatch.setattr(kernels, "_CHUNK_BYTES", 4 * 1024 * (columns // 16 + 2))
+    g = torch.Generator().manual_seed(3)
+    weights = []
+    for out_features, in_features in ((2 * hidden, dim), (dim, hidden)):
+        linear = torch.nn.Linear(in_features, out_features, bias=False)
+        linear.weight.data = torch.randn(out_features, in_features, generator=g) * in_features ** -0.5
+        weights.append(quant.quantize_linear(linear, "int8")._weight())
+    w13, w2 = weights
+    x = torch.randn(rows, dim, generator=g).bfloat16()
+    picked = torch.randperm(rows, generator=g)[:50]
+    gates = torch.rand(50, generator=g)
+    assert kernels.amx_int8_fits(x, w13, w2)
+    out = torch.zeros(rows, dim)
+    kernels.amx_swiglu_add(out, x, picked, gates, w13, w2)
+    want = torch.zeros(rows, dim)
+    want[picked] = gates[:, None] * _swiglu_float32(x[picked], w13.dequantize(torch.float32),
+                                                    w2.dequantize(torch.float32))
+    assert (out - want).abs().max() <= 2**-7 * want.abs().max()
+
+
+@needs_amx
 def test_amx_swiglu_takes_only_what_it_can():
     x, w13, w2 = torch.ones(40, 64).bfloat16(), torch.ones(192, 64).bfloat16(), torch.ones(64, 96).bfloat16()
     assert kernels.amx_swiglu_fits(x, w13, w2)

@@ -104,7 +104,7 @@ def _library() -> ctypes.CDLL | None:
     library.dequant_int4.restype = library.dequant_int8.restype = None
     library.has_amx = AMX and library.amx_request() == 0
     if library.has_amx:
-        library.amx_swiglu.argtypes = [p, p, p, i, i, p, p, i, i, p, p, p, p, p, i, i, i]
+        library.amx_swiglu.argtypes = [p, p, p, i, i, p, p, i, i, p, p, p, p, p, i, i, i, p, p, p, p]
         library.amx_swiglu.restype = None
     elif AMX:
         log.info("the CPU has AMX but the kernels were not built for it; experts use torch's GEMM")
@@ -200,14 +200,17 @@ def _k_chunk(k: int, columns: int) -> int:
 
 
 def amx_swiglu_add(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, scale: torch.Tensor | None,
-                   w13: torch.Tensor, w2: torch.Tensor) -> None:
+                   w13, w2) -> None:
     """out[rows] += scale[:, None] * expert(x[rows]) for one SwiGLU expert, w2 · (silu(w1 · x) * (w3 · x)), on AMX
     tiles (amx.c), gathering the rows and scattering the result inside the kernel. out float32 [*, dim]; x bf16
-    [*, dim]; rows int64 [n], each row once (None: x's rows in order); scale float32 [n] (None: 1). The products
-    accumulate in float32 and silu(gate) * up is rounded to bf16 once (torch's path rounds the gate, the up
-    projection and silu(gate) each, and the expert's output)."""
+    [*, dim]; rows int64 [n], each row once (None: x's rows in order); scale float32 [n] (None: 1). w13 [2H, dim]
+    and w2 [dim, H]: bf16 tensors, or int8 weights (`mixtral.quant.QuantizedWeight`, see `amx_int8_fits`), which
+    amx.c expands a block of rows at a time between reading them and multiplying them. The products accumulate
+    in float32 and silu(gate) * up is rounded to bf16 once (torch's path rounds the gate, the up projection and
+    silu(gate) each, and the expert's output)."""
     n = len(rows) if rows is not None else len(x)
-    dim, hidden = w2.shape
+    quantized = not isinstance(w13, torch.Tensor)
+    dim, hidden = (w2.out_features, w2.in_features) if quantized else w2.shape
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape[1] == dim and x.is_contiguous()
     columns = -(-n // 16) * 16
     kc1, kc2 = _k_chunk(dim, columns), _k_chunk(hidden, columns)
@@ -223,9 +226,26 @@ def amx_swiglu_add(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None
     def address(t: torch.Tensor | None):
         return t.data_ptr() if t is not None else None
 
-    _library().amx_swiglu(x.data_ptr(), address(rows), address(scale), n, columns, w13.data_ptr(), w2.data_ptr(),
-                          dim, hidden, out.data_ptr(), address(partial1), address(partial2), packed_x.data_ptr(),
-                          packed_h.data_ptr(), kc1, kc2, torch.get_num_threads())
+    if quantized:
+        bf16 = (None, None)
+        q13, s13, q2, s2 = w13.qweight, w13.scales.to(torch.bfloat16), w2.qweight, w2.scales.to(torch.bfloat16)
+        int8 = tuple(address(t.contiguous()) for t in (q13, s13, q2, s2))
+    else:
+        bf16, int8 = (w13.data_ptr(), w2.data_ptr()), (None, None, None, None)
+    _library().amx_swiglu(x.data_ptr(), address(rows), address(scale), n, columns, *bf16, dim, hidden,
+                          out.data_ptr(), address(partial1), address(partial2), packed_x.data_ptr(),
+                          packed_h.data_ptr(), kc1, kc2, torch.get_num_threads(), *int8)
+
+
+def amx_int8_fits(x: torch.Tensor, w13, w2) -> bool:
+    """Whether `amx_swiglu_add` takes this expert as int8 weights: `mixtral.quant` int8 weights (per-row scales),
+    bf16 inference where amx.c runs, dim and hidden multiples of 32."""
+    if not (getattr(w13, "mode", None) == getattr(w2, "mode", None) == "int8" and amx_available()):
+        return False
+    dim, hidden = w2.out_features, w2.in_features
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and w13.out_features == 2 * hidden and w13.in_features == dim and dim % 32 == 0 and hidden % 32 == 0
+            and w13.qweight.is_contiguous() and w2.qweight.is_contiguous() and len(x) > 0)
 
 
 def amx_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

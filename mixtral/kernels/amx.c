@@ -9,11 +9,14 @@
 // tiles straight into the tile layout of the down projection's B operand, and the output is added, weighted by
 // the gates, into the tokens' rows of the layer's output. Xeon of 2026-12-01, 128 rows each: the eight experts
 // in 178 ms against 254 (benchmarks/amx_experts.py, docs/performance.md).
+// int8 experts are expanded here too, a block of rows at a time into L2, between their prefetch and their
+// products, so the expansion overlaps the memory reads (a 512-token int8 layer: 201 ms, bf16 195).
 //
 // Layout of a B operand (the activations, [K, N]) for tdpbf16ps: tiles of 16 "rows" of k pairs x 16 columns x
 // 2 bf16, tile (nb, kb) at ((nb * KB) + kb) * 512 elements: B[kb*32 + 2r + j, nb*16 + c] at r*32 + c*2 + j.
 // Built only where the compiler targets AMX (-march=native on such a CPU); elsewhere `amx_request` says no.
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -103,13 +106,13 @@ static inline void silu_mul_to_tiles(const float *gate, const float *up, int h0,
 // The `it`-th of `shares` parts of the cache lines of `rows` rows of `bytes` each (row stride `ld` elements).
 // An asm statement, not _mm_prefetch: GCC 12 deleted the whole loop of builtin prefetches once this was inlined
 // into the tile loop (no instruction left in the library, and the experts 15% slower).
-static inline void prefetch_share(const uint16_t *base, long ld, int rows, long bytes, long it, long shares) {
+static inline void prefetch_share(const char *base, long ld, int rows, long bytes, long it, long shares) {
     long per_row = bytes / 64, total = rows * per_row, per = (total + shares - 1) / shares;
     long first = it * per, last = first + per < total ? first + per : total;
     if (first >= last) return;
     long row = first / per_row, line = first % per_row;
     for (long l = first; l < last; l++) {
-        const char *p = (const char *)(base + row * ld) + line * 64;
+        const char *p = base + row * ld + line * 64;
         __asm__ volatile(AMX_PREFETCH_HINT " (%0)" : : "r"(p));
         if (++line == per_row) {
             line = 0;
@@ -117,6 +120,13 @@ static inline void prefetch_share(const uint16_t *base, long ld, int rows, long 
         }
     }
 }
+
+// gemv.c's dequantizer, one thread: rows x K of an int8 weight (per-row bf16 scales) into bf16.
+void dequant_int8_rows(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, long ldo);
+
+// A weight for the products: bf16 [rows, K], or int8 [rows, K] with a bf16 scale per row (then expanded a block
+// of rows at a time into L2, between its prefetch from memory and its tile products).
+typedef struct { const uint16_t *bf16; const int8_t *q; const uint16_t *scale; } weight;
 
 // out[rows[c]][d0 + r] += scale[c] * acc[r][c] for the columns c of one 16x16 accumulator tile that are real
 // tokens (t0 + c < n): the expert's output for those tokens, weighted by their gates and added where they belong.
@@ -141,10 +151,11 @@ typedef struct {
 
 // One block of 32 weight rows against column tiles nb and, when `two`, nb + 1, over K tiles [k0, k1). Inlined
 // with `two` constant, so the inner loop has no branch on it.
+// a0 and a1 hold K tiles [koff, ...) with row stride lda elements.
 static inline __attribute__((always_inline)) void column_pass(
-        const uint16_t *a0, const uint16_t *a1, int K, const uint16_t *bp, int nb, int N, int k0, int k1,
-        float *c0, float *c1, const uint16_t *next0, const uint16_t *next1, long next_bytes, long it0, long shares,
-        const int two) {
+        const uint16_t *a0, const uint16_t *a1, long lda, int koff, int K, const uint16_t *bp, int nb, int N,
+        int k0, int k1, float *c0, float *c1, const char *next0, const char *next1, long next_ld, long next_bytes,
+        long it0, long shares, const int two) {
     int KB = K / 32;
     if (k0 == 0) {
         _tile_zero(0); _tile_zero(2);
@@ -156,11 +167,11 @@ static inline __attribute__((always_inline)) void column_pass(
     const uint16_t *b0 = bp + (long)nb * KB * 512, *b1 = b0 + (long)KB * 512;
     for (int kb = k0; kb < k1; kb++) {
         if (next0) {
-            prefetch_share(next0, K, 16, next_bytes, it0 + kb - k0, shares);
-            prefetch_share(next1, K, 16, next_bytes, it0 + kb - k0, shares);
+            prefetch_share(next0, next_ld, 16, next_bytes, it0 + kb - k0, shares);
+            prefetch_share(next1, next_ld, 16, next_bytes, it0 + kb - k0, shares);
         }
-        _tile_loadd(4, a0 + kb * 32, K * 2);
-        _tile_loadd(5, a1 + kb * 32, K * 2);
+        _tile_loadd(4, a0 + (kb - koff) * 32, lda * 2);
+        _tile_loadd(5, a1 + (kb - koff) * 32, lda * 2);
         _tile_loadd(6, b0 + kb * 512, 64);
         if (two) {
             _tile_loadd(7, b1 + kb * 512, 64);
@@ -180,35 +191,58 @@ static inline __attribute__((always_inline)) void column_pass(
 // with its thread, so chunks need no barrier). While it computes a block, a thread prefetches the next one it
 // will read: the next block, or its first block's next chunk. The last chunk hands each block to `f`. Called
 // inside an OpenMP parallel region; ends in a barrier.
-static void tile_product(const uint16_t *w, int K, long step, long pair, int blocks, const uint16_t *bp, int N,
+static void tile_product(const weight *w, int K, long step, long pair, int blocks, const uint16_t *bp, int N,
                          int kc, float *c, const finish *f) {
     int KB = K / 32, NB = N / 16, passes = (NB + 1) / 2;
     int threads = omp_get_num_threads(), me = omp_get_thread_num();
     int share = blocks / threads, extra = blocks % threads;
     int b0 = me * share + (me < extra ? me : extra), b1 = b0 + share + (me < extra);
+    long element = w->q ? 1 : 2;  // bytes of a stored weight
+    const char *base = w->q ? (const char *)w->q : (const char *)w->bf16;
+    uint16_t *expanded = w->q ? aligned_alloc(64, (size_t)32 * kc * 32 * 2) : NULL;  // 32 rows of one chunk
     float acc[4][256];
     for (int k0 = 0; k0 < KB; k0 += kc) {
         int k1 = k0 + kc < KB ? k0 + kc : KB, last = k1 == KB;
         long shares = (long)passes * (k1 - k0);
         for (int i = b0; i < b1; i++) {
-            const uint16_t *a0 = w + i * step * K, *a1 = a0 + pair * K;
-            const uint16_t *next0 = NULL, *next1 = NULL;
+            const char *next0 = NULL, *next1 = NULL;
             long next_bytes = 0;
             if (AMX_PREFETCH && i + 1 < b1) {
-                next0 = a0 + step * K + k0 * 32;
-                next_bytes = (long)(k1 - k0) * 64;
+                next0 = base + ((i + 1) * step * K + k0 * 32) * element;
+                next_bytes = (long)(k1 - k0) * 32 * element;
             } else if (AMX_PREFETCH && !last) {
                 int k2 = k1 + kc < KB ? k1 + kc : KB;
-                next0 = w + b0 * step * K + k1 * 32;
-                next_bytes = (long)(k2 - k1) * 64;
+                next0 = base + (b0 * step * K + k1 * 32) * element;
+                next_bytes = (long)(k2 - k1) * 32 * element;
             }
-            if (next0) next1 = next0 + pair * K;
+            if (next0) next1 = next0 + pair * K * element;
+            const uint16_t *a0, *a1;
+            long lda = K;
+            int koff = 0;
+            if (w->q) {  // this block's rows of the chunk, expanded: 16 rows, then the 16 `pair` further on
+                long r0 = i * step;
+                int width = (k1 - k0) * 32;
+                dequant_int8_rows(w->q + r0 * K + k0 * 32, K, w->scale + r0, 16, width, expanded, width);
+                dequant_int8_rows(w->q + (r0 + pair) * K + k0 * 32, K, w->scale + r0 + pair, 16, width,
+                                  expanded + 16L * width, width);
+                a0 = expanded;
+                a1 = expanded + 16L * (k1 - k0) * 32;
+                lda = (long)(k1 - k0) * 32;
+                koff = k0;
+            } else {
+                a0 = w->bf16 + i * step * K;
+                a1 = a0 + pair * K;
+            }
             for (int nb = 0; nb < NB; nb += 2) {
                 int two = nb + 1 < NB;
                 float *c0 = c + i * step * N + nb * 16, *c1 = c0 + pair * N;
                 long it0 = (long)(nb / 2) * (k1 - k0);
-                if (two) column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, next_bytes, it0, shares, 1);
-                else column_pass(a0, a1, K, bp, nb, N, k0, k1, c0, c1, next0, next1, next_bytes, it0, shares, 0);
+                if (two)
+                    column_pass(a0, a1, lda, koff, K, bp, nb, N, k0, k1, c0, c1, next0, next1, K * element,
+                                next_bytes, it0, shares, 1);
+                else
+                    column_pass(a0, a1, lda, koff, K, bp, nb, N, k0, k1, c0, c1, next0, next1, K * element,
+                                next_bytes, it0, shares, 0);
                 if (!last) {
                     _tile_stored(0, c0, N * 4); _tile_stored(2, c1, N * 4);
                     if (two) { _tile_stored(1, c0 + 16, N * 4); _tile_stored(3, c1 + 16, N * 4); }
@@ -229,6 +263,7 @@ static void tile_product(const uint16_t *w, int K, long step, long pair, int blo
             }
         }
     }
+    free(expanded);
     #pragma omp barrier
 }
 
@@ -240,15 +275,17 @@ static void tile_product(const uint16_t *w, int K, long step, long pair, int blo
 // differ (a token reaches an expert once): threads split the output by dim, not by token.
 void amx_swiglu(const uint16_t *x, const int64_t *rows, const float *scale, int n, int N, const uint16_t *w13,
                 const uint16_t *w2, int dim, int H, float *out, float *partial1, float *partial2, uint16_t *bp1,
-                uint16_t *bp2, int kc1, int kc2, int threads) {
+                uint16_t *bp2, int kc1, int kc2, int threads, const int8_t *q13, const uint16_t *s13,
+                const int8_t *q2, const uint16_t *s2) {
     finish to_hidden = {1, bp2, H, 0, NULL, NULL, NULL, 0};
     finish to_output = {0, NULL, 0, n, rows, scale, out, dim};
+    weight gate_up = {w13, q13, s13}, down = {w2, q2, s2};
     #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
         pack_rows(x, rows, n, dim, N, bp1);  // ends in a barrier, as every omp for here
-        tile_product(w13, dim, 16, H, H / 16, bp1, N, kc1, partial1, &to_hidden);
-        tile_product(w2, H, 32, 16, dim / 32, bp2, N, kc2, partial2, &to_output);
+        tile_product(&gate_up, dim, 16, H, H / 16, bp1, N, kc1, partial1, &to_hidden);
+        tile_product(&down, H, 32, 16, dim / 32, bp2, N, kc2, partial2, &to_output);
         _tile_release();
     }
 }

@@ -273,13 +273,13 @@ void dequant_int4(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t 
     }
 }
 
-// int8, per output channel: w = q * s[n], s bf16 [N]; rows of Q ldq bytes apart.
-void dequant_int8(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
+// int8, per output channel: w = q * s[n], s bf16 [N]; rows of Q ldq bytes apart, of out ldo elements. One
+// thread; amx.c calls it for the rows of a block it is about to multiply.
+void dequant_int8_rows(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, long ldo) {
     for (int n = 0; n < N; n++) {
         const float s = bf16_to_float(S[n]);
         const int8_t *q = Q + (long)n * ldq;
-        uint16_t *o = out + (long)n * K;
+        uint16_t *o = out + (long)n * ldo;
         int k = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
         for (; k + 16 <= K; k += 16) {
@@ -290,4 +290,9 @@ void dequant_int8(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, ui
 #endif
         for (; k < K; k++) o[k] = float_to_bf16((float)q[k] * s);
     }
+}
+
+void dequant_int8(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) dequant_int8_rows(Q + (long)n * ldq, ldq, S + n, 1, K, out + (long)n * K, K);
 }
