@@ -265,15 +265,13 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
         return out.to(x.dtype)
     rest = []  # (expert, its slice) for torch's GEMM or a quantized weight's own kernel
     for e, s in _slices(counts):
-        w13e, w2e = w13[e], w2[e]
-        if s.stop - s.start < kernels.AMX_EXPERT_ROWS:
-            rest.append((e, s))
-        elif kernels.amx_swiglu_fits(x, w13e, w2e):
-            # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out
+        w13e, w2e, n = w13[e], w2[e], s.stop - s.start
+        if (n >= kernels.AMX_EXPERT_ROWS and kernels.amx_swiglu_fits(x, w13e, w2e)
+                or n >= kernels.AMX_INT8_EXPERT_ROWS and kernels.amx_int8_fits(x, w13e, w2e)):
+            # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out (int8
+            # weights: expanded a block of rows at a time as it goes)
             kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13e, w2e)
-        elif kernels.amx_int8_fits(x, w13e, w2e):  # amx.c expands the int8 rows as it goes
-            kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13e, w2e)
-        elif _expands_for_amx(x, w13e, w2e):
+        elif n >= kernels.AMX_EXPERT_ROWS and _expands_for_amx(x, w13e, w2e):
             for w13_part, w2_part in _expanded_parts(w13e, w2e):
                 kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13_part, w2_part)
         else:

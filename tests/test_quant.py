@@ -183,7 +183,10 @@ def test_quantized_moe_reference_equals_grouped(mode, dtype):
     moe.dispatch = "reference"
     reference = moe(x)
     moe.dispatch = "grouped"
-    torch.testing.assert_close(moe(x), reference)
+    if dtype == torch.bfloat16:  # grouped may run amx.c (one rounding per expert where torch's path has several)
+        assert (moe(x).float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
+    else:
+        torch.testing.assert_close(moe(x), reference)
     # and the quantized experts compute what their dequantized weights would
     plain = _moe(torch.float32)
     with torch.no_grad():

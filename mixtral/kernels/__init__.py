@@ -71,6 +71,10 @@ EXPANDED_TILE_BYTES = min(24 << 20, max(4 << 20, last_level_cache_bytes() // 4))
 # 32 rows 117 against 117 (torch streams the weights at 24 GB/s there), 64 rows 131 against 220, 128 rows 178
 # against 254, 160 rows 225 against 285, 256 rows 314 against 349.
 AMX_EXPERT_ROWS = 33
+# int8 experts go to amx.c from fewer rows: it reads half the bytes and expands them while the tiles compute. A
+# Mixtral-8x7B layer at 64 tokens (16 rows an expert), Xeon of 2026-12-01: 111 ms against 192 through the
+# quantized path's expand-then-GEMM, which takes over from 12 rows (`quant.INT8_GEMM_ROWS` on AMX).
+AMX_INT8_EXPERT_ROWS = 12
 
 
 @lru_cache(maxsize=1)
