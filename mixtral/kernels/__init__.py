@@ -7,6 +7,10 @@ where the kernel cannot be built, goes to `F.linear` — logged once, never sile
 
 `gemv_int4` is the same idea for group-wise int4 weights (`mixtral.quant`); `dequant_int4`/`dequant_int8` expand
 quantized weights to bf16 for products with many rows, and are built on every CPU (plain C).
+
+`amx_swiglu_add` runs one whole SwiGLU expert on AMX tiles (`amx.c`, built where the compiler targets AMX): the
+MoE layer's path for batches and prefill, bf16 or int8 weights (`amx_available`, `amx_swiglu_fits`,
+`amx_int8_fits`).
 """
 from __future__ import annotations
 
