@@ -4,8 +4,8 @@ Eight Mixtral-8x7B experts (4096 -> 14336, bf16, 2.8 GB, on 2 MB pages as `mixtr
 --rows tokens; one pass runs all eight in turn after reading twice the last-level cache of other memory
 (`bench.cache_flusher`), so every expert's weights come from memory, as they do in a layer. The two
 implementations alternate pass by pass; each figure is the median of --repeats passes. torch's side is what
-`moe.swiglu` runs without amx.c: (W xᵀ)ᵀ products on rows padded to 32. The crossover it measures is
-`kernels.AMX_EXPERT_ROWS`.
+`moe.swiglu` runs without amx.c (`moe.transposed_swiglu`: (W xᵀ)ᵀ products on rows padded to 32). The crossover
+it measures is `kernels.AMX_EXPERT_ROWS`.
 
     python benchmarks/amx_experts.py --rows 16,32,64,128,160
 """
@@ -16,17 +16,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from mixtral import bench, kernels
-
-
-def torch_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    n = len(x)
-    if n % 32:
-        x = torch.cat([x, x.new_zeros(32 - n % 32, x.shape[1])])
-    gate, up = torch.mm(w13, x.t()).chunk(2, dim=0)
-    return torch.mm(w2, F.silu(gate) * up)[:, :n].t()
+from mixtral import bench, kernels, moe
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         out = torch.zeros(rows, args.dim)
         passes = {
             "amx": lambda e: kernels.amx_swiglu_add(out, xs[e], None, None, w13[e], w2[e]),
-            "torch": lambda e: torch_expert(xs[e], w13[e], w2[e]),
+            "torch": lambda e: moe.transposed_swiglu(xs[e], w13[e], w2[e]),
         }
         times: dict[str, list[float]] = {name: [] for name in passes}
         for _ in range(args.repeats + 1):  # the first pass of each also builds/warms up; dropped

@@ -62,18 +62,22 @@ def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
     if len(x) >= kernels.AMX_EXPERT_ROWS and kernels.amx_swiglu_fits(x, w13, w2):
         return kernels.amx_swiglu(x, w13, w2)  # the weights stream while the tiles compute: see amx.c
     if kernels.AMX and kernels.bf16_inference(x, w13) and len(x) > kernels.MAX_ROWS:
-        # (W xᵀ)ᵀ instead of x Wᵀ: on AMX, oneDNN repacks the B operand of every product for its tiles, and here
-        # that is xᵀ (n rows) instead of the 28672x4096 weight. 128 rows through w13: 17.9 against 23.7 ms, w2
-        # 9.0 against 10.7 (Xeon of 2026-12-01, cold cache). The hidden activations stay [2·hidden, n]. Rows are
-        # padded with zeros to a multiple of 32, the AMX kernels' blocking: 113 rows took 17.5 and 8.9 ms, 128
-        # rows 16.2 and 6.2.
-        n = len(x)
-        if n % 32:
-            x = torch.cat([x, x.new_zeros(32 - n % 32, x.shape[1])])
-        gate, up = torch.mm(w13, x.t()).chunk(2, dim=0)
-        return torch.mm(w2, F.silu(gate) * up)[:, :n].t()
+        return transposed_swiglu(x, w13, w2)
     gate, up = linear(x, w13).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w2)
+
+
+def transposed_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """`swiglu` through torch's GEMM as (W xᵀ)ᵀ instead of x Wᵀ, for bf16 on AMX: oneDNN repacks the B operand of
+    every product for its tiles, and here that is xᵀ (n rows) instead of the 28672x4096 weight. 128 rows through
+    w13: 17.9 against 23.7 ms, w2 9.0 against 10.7 (Xeon of 2026-12-01, cold cache). The hidden activations stay
+    [2·hidden, n]. Rows are padded with zeros to a multiple of 32, the AMX kernels' blocking: 113 rows took 17.5
+    and 8.9 ms, 128 rows 16.2 and 6.2."""
+    n = len(x)
+    if n % 32:
+        x = torch.cat([x, x.new_zeros(32 - n % 32, x.shape[1])])
+    gate, up = torch.mm(w13, x.t()).chunk(2, dim=0)
+    return torch.mm(w2, F.silu(gate) * up)[:, :n].t()
 
 
 def capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -207,8 +211,7 @@ def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 def _expands_for_amx(x: torch.Tensor, w13, w2) -> bool:
     """Whether a quantized expert (weights with `expand_into`, see `mixtral.quant`) can run on amx.c in parts."""
     return (hasattr(w13, "expand_into") and hasattr(w2, "expand_into") and kernels.amx_available()
-            and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and w13.padding == 0 and w2.padding == 0
+            and kernels.bf16_activations(x) and w13.padding == 0 and w2.padding == 0
             and w2.out_features % 32 == 0 and w2.in_features % _part_step(w2) == 0)
 
 
@@ -264,16 +267,17 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
         out.index_add_(0, token_of, ys.float() * gates[:, None])
         return out.to(x.dtype)
     rest = []  # (expert, its slice) for torch's GEMM or a quantized weight's own kernel
+    x_rows = x.contiguous()  # amx.c reads x's rows in place
     for e, s in _slices(counts):
         w13e, w2e, n = w13[e], w2[e], s.stop - s.start
         if (n >= kernels.AMX_EXPERT_ROWS and kernels.amx_swiglu_fits(x, w13e, w2e)
                 or n >= kernels.AMX_INT8_EXPERT_ROWS and kernels.amx_int8_fits(x, w13e, w2e)):
             # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out (int8
             # weights: expanded a block of rows at a time as it goes)
-            kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13e, w2e)
+            kernels.amx_swiglu_add(out, x_rows, token_of[s], gates[s], w13e, w2e)
         elif n >= kernels.AMX_EXPERT_ROWS and _expands_for_amx(x, w13e, w2e):
             for w13_part, w2_part in _expanded_parts(w13e, w2e):
-                kernels.amx_swiglu_add(out, x.contiguous(), token_of[s], gates[s], w13_part, w2_part)
+                kernels.amx_swiglu_add(out, x_rows, token_of[s], gates[s], w13_part, w2_part)
         else:
             rest.append((e, s))
     if rest:

@@ -150,11 +150,16 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def bf16_activations(x: torch.Tensor) -> bool:
+    """Whether x is bf16 on the CPU and needs no gradient: what the kernels here take (they have no backward)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def bf16_inference(x: torch.Tensor, w) -> bool:
     """Whether x · wᵀ is a bf16 product on the CPU without autograd: what gemv.c and the (W xᵀ)ᵀ form on AMX take
     (`matmul`, `mixtral.moe.swiglu`)."""
-    return (isinstance(w, torch.Tensor) and w.dtype == x.dtype == torch.bfloat16 and w.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+    return (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+            and bf16_activations(x) and not (torch.is_grad_enabled() and w.requires_grad))
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -251,8 +256,7 @@ def amx_int8_fits(x: torch.Tensor, w13, w2) -> bool:
     if not (getattr(w13, "mode", None) == getattr(w2, "mode", None) == "int8" and amx_available()):
         return False
     dim, hidden = w2.out_features, w2.in_features
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-            and w13.out_features == 2 * hidden and w13.in_features == dim and dim % 32 == 0 and hidden % 32 == 0
+    return (bf16_activations(x) and w13.out_features == 2 * hidden and w13.in_features == dim and dim % 32 == 0 and hidden % 32 == 0
             and w13.qweight.is_contiguous() and w2.qweight.is_contiguous() and len(x) > 0)
 
 
@@ -359,10 +363,7 @@ def _output(n: int, k: int, scratch: bool) -> torch.Tensor:
     allocator maps new pages for it, and each first touch faults: 39 ms against 3.4 ms for 14336 x 4096)."""
     if not scratch:
         return torch.empty(n, k, dtype=torch.bfloat16)
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < n * k:
-        buffer = _scratch.buffer = torch.empty(n * k, dtype=torch.bfloat16)
-    return buffer[: n * k].view(n, k)
+    return _scratch_buffer("dequant", n * k, torch.bfloat16).view(n, k)
 
 
 def _checked_output(out: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -371,8 +372,9 @@ def _checked_output(out: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reused per-thread buffer of at least `numel` elements (see `_output`: fresh multi-MB tensors fault in
-    their pages on every call; at 128 rows the expert's 20 MB of scratch cost several ms each time)."""
+    """A view of `numel` elements of this thread's reused buffer `name` (see `_output`: fresh multi-MB tensors
+    fault in their pages on every call; at 128 rows an expert's 20 MB of scratch for amx.c cost several ms each
+    time)."""
     buffers = _scratch.__dict__.setdefault("named", {})
     buffer = buffers.get(name)
     if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
