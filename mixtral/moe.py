@@ -208,37 +208,8 @@ def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return GroupedSwiGLU.apply(x_ext[source], w13.to(dtype), w2.to(dtype), padded)[rows]
 
 
-def _expands_for_amx(x: torch.Tensor, w13, w2) -> bool:
-    """Whether a quantized expert (weights with `expand_into`, see `mixtral.quant`) can run on amx.c in parts."""
-    return (hasattr(w13, "expand_into") and hasattr(w2, "expand_into") and kernels.amx_available()
-            and kernels.bf16_activations(x) and w13.padding == 0 and w2.padding == 0
-            and w2.out_features % 32 == 0 and w2.in_features % _part_step(w2) == 0)
-
-
-def _part_step(w2) -> int:
-    """Hidden units a part of a quantized expert is a multiple of: amx.c's 32, and whole int4 groups of w2."""
-    return math.lcm(32, w2.group_size or 1)
-
-
-def _expanded_parts(w13, w2):
-    """(w13 part [2h, dim], w2 part [dim, h]) in bf16 for consecutive slices of h hidden units of a quantized
-    expert, each expanded into reused scratch just before its product. An expert is the sum of its parts over
-    hidden units, so amx.c adds them one after the other into the same output; the parts (3 h dim bf16 values)
-    fit `kernels.EXPANDED_TILE_BYTES`, so each is still in the cache when it is multiplied, and the expert's
-    weights are read from memory once, quantized."""
-    dim, hidden = w2.out_features, w2.in_features
-    step = _part_step(w2)
-    size = max(step, kernels.EXPANDED_TILE_BYTES // (3 * dim * 2) // step * step)
-    part13 = kernels._scratch_buffer("expanded_w13", 2 * size * dim, torch.bfloat16)
-    part2 = kernels._scratch_buffer("expanded_w2", dim * size, torch.bfloat16)
-    for h0 in range(0, hidden, size):
-        h = min(size, hidden - h0)
-        gate_up = part13[:2 * h * dim].view(2 * h, dim)
-        w13.expand_into(gate_up[:h], rows=slice(h0, h0 + h))
-        w13.expand_into(gate_up[h:], rows=slice(hidden + h0, hidden + h0 + h))
-        down = part2[:dim * h].view(dim, h)
-        w2.expand_into(down, columns=slice(h0, h0 + h))
-        yield gate_up, down
+# Rows from which a quantized expert runs in amx.c, by weight mode (see `kernels.AMX_INT8_EXPERT_ROWS`).
+_AMX_QUANTIZED_ROWS = {"int8": kernels.AMX_INT8_EXPERT_ROWS, "int4": kernels.AMX_INT4_EXPERT_ROWS}
 
 
 def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -271,13 +242,11 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     for e, s in _slices(counts):
         w13e, w2e, n = w13[e], w2[e], s.stop - s.start
         if (n >= kernels.AMX_EXPERT_ROWS and kernels.amx_swiglu_fits(x, w13e, w2e)
-                or n >= kernels.AMX_INT8_EXPERT_ROWS and kernels.amx_int8_fits(x, w13e, w2e)):
-            # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out (int8
-            # weights: expanded a block of rows at a time as it goes)
+                or n >= _AMX_QUANTIZED_ROWS.get(getattr(w13e, "mode", None), n + 1)
+                and kernels.amx_quantized_fits(x, w13e, w2e)):
+            # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out
+            # (quantized weights: expanded a block of rows at a time as it goes)
             kernels.amx_swiglu_add(out, x_rows, token_of[s], gates[s], w13e, w2e)
-        elif n >= kernels.AMX_EXPERT_ROWS and _expands_for_amx(x, w13e, w2e):
-            for w13_part, w2_part in _expanded_parts(w13e, w2e):
-                kernels.amx_swiglu_add(out, x_rows, token_of[s], gates[s], w13_part, w2_part)
         else:
             rest.append((e, s))
     if rest:

@@ -72,8 +72,11 @@ KERNEL_DTYPE = torch.bfloat16
 # 28672x4096 and 4096x14336; benchmarks/quant_accuracy.py --kernels and docs/performance.md).
 INT8_GEMM_ROWS = 12 if kernels.AMX else 16
 INT4_GEMV_ROWS = 12 if kernels.AMX else 32
-# Output rows expanded to bf16 at a time for the GEMM path (`kernels.EXPANDED_TILE_BYTES`).
-EXPANDED_TILE_BYTES = kernels.EXPANDED_TILE_BYTES
+# Bytes of a quantized weight expanded to bf16 at a time for the GEMM path: a tile of output rows that stays in
+# the last-level cache between its expansion and its product, yet big enough for the product to run at speed
+# (Xeon of 2026-12-01, 480 MB L3: 16-32 MB tiles measured best, 2-4 MB ones slower than no tiling). A quarter of
+# the cache, within those bounds.
+EXPANDED_TILE_BYTES = min(24 << 20, max(4 << 20, kernels.last_level_cache_bytes() // 4))
 
 _BF16_TINY = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group: any nonzero value works
 _ATTENTION = ("wq", "wk", "wv", "wo")
@@ -164,20 +167,6 @@ class QuantizedWeight:
         if self.mode == "int8":
             return kernels.dequant_int8(self.qweight[rows], self.scales[rows].to(KERNEL_DTYPE), scratch)
         return kernels.dequant_int4(self.qweight[rows], self.scales[rows], self.zeros[rows], scratch)
-
-    def expand_into(self, out: torch.Tensor, rows: slice = slice(None), columns: slice = slice(None)) -> None:
-        """Write the bf16 weight's block [rows, columns] into `out` (contiguous bf16 of that shape), by the C
-        dequantizers. Columns start and end on whole int4 groups; no padding columns (`padding` == 0)."""
-        assert self.padding == 0, "expand_into does not handle padded int4 weights"
-        if self.mode == "int8":  # blocks of columns are read in place (a copy first cost 3x the expansion)
-            kernels.dequant_int8(self.qweight[rows, columns], self.scales[rows].to(KERNEL_DTYPE).contiguous(), out=out)
-            return
-        g = self.group_size
-        c0, c1, _ = columns.indices(self.in_features)
-        assert c0 % g == 0 and (c1 % g == 0 or c1 == self.in_features), "int4 columns must be whole groups"
-        packed = self.qweight[rows, c0 // 2:c1 // 2]
-        scale, zero = self.scales[rows, c0 // g:-(-c1 // g)], self.zeros[rows, c0 // g:-(-c1 // g)]
-        kernels.dequant_int4(packed, scale, zero, out=out)
 
     def _expanded_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x · wᵀ through torch's bf16 GEMM on the expanded weight. Without autograd, in tiles of output rows that

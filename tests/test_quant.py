@@ -183,10 +183,13 @@ def test_quantized_moe_reference_equals_grouped(mode, dtype):
     moe.dispatch = "reference"
     reference = moe(x)
     moe.dispatch = "grouped"
-    if dtype == torch.bfloat16:  # grouped may run amx.c (one rounding per expert where torch's path has several)
-        assert (moe(x).float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
+    grouped = moe(x)
+    if dtype == torch.bfloat16:
+        # grouped may run amx.c, which rounds each expert once where the reference rounds its gate, up projection,
+        # silu product and output: the two differ by a few bf16 steps (both are held to float32 below)
+        assert (grouped.float() - reference.float()).abs().max() <= 2**-6 * reference.float().abs().max()
     else:
-        torch.testing.assert_close(moe(x), reference)
+        torch.testing.assert_close(grouped, reference)
     # and the quantized experts compute what their dequantized weights would
     plain = _moe(torch.float32)
     with torch.no_grad():
@@ -194,6 +197,7 @@ def test_quantized_moe_reference_equals_grouped(mode, dtype):
         plain.w2.copy_(torch.stack([moe.w2[e].dequantize(torch.float32) for e in range(4)]))
         plain.router.weight.copy_(moe.router.weight)
     assert _rel(reference, plain(x.float())) < 0.01
+    assert _rel(grouped, plain(x.float())) < 0.01
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
@@ -339,12 +343,10 @@ def test_gradient_through_a_quantized_linear(mode, rows):
 @pytest.mark.skipif(not kernels.amx_available(), reason="no AMX, or the kernels are not built for it")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_experts_on_amx_equal_their_dequantized_weights(mode, monkeypatch):
-    # From AMX_EXPERT_ROWS rows a quantized expert runs on amx.c: int8 whole (the kernel expands its rows a block
-    # at a time), int4 in parts of its hidden units, each expanded to bf16 just before its product (a small tile
-    # budget forces several parts). The result must be the expert of the dequantized weights, within bf16
-    # rounding, and the kernel must really run.
+    # From AMX_INT8_EXPERT_ROWS / AMX_INT4_EXPERT_ROWS rows a quantized expert runs on amx.c, which expands its
+    # rows a block at a time. The result must be the expert of the dequantized weights, within bf16 rounding,
+    # and the kernel must really run, on the quantized weights themselves.
     from mixtral.moe import MoE, moe_grouped, moe_reference, route
-    monkeypatch.setattr(kernels, "EXPANDED_TILE_BYTES", 3 * 128 * 128 * 2)  # parts of 128 hidden units
     g = torch.Generator().manual_seed(11)
     layer = MoE(128, 384, 4, 2).to(torch.bfloat16)
     with torch.no_grad():
@@ -355,15 +357,12 @@ def test_quantized_experts_on_amx_equal_their_dequantized_weights(mode, monkeypa
     calls = []
     original = kernels.amx_swiglu_add
     monkeypatch.setattr(kernels, "amx_swiglu_add",
-                        lambda *a: calls.append(tuple(getattr(a[-1], "shape", ()))) or original(*a))
+                        lambda *a: calls.append(getattr(a[-1], "mode", None)) or original(*a))
     with torch.no_grad():
         weights, experts = route(layer.router_logits(x), 2)
         got = moe_grouped(x, layer.w13, layer.w2, weights, experts)
         w13 = torch.stack([layer.w13[e].dequantize(torch.float32) for e in range(4)])
         w2 = torch.stack([layer.w2[e].dequantize(torch.float32) for e in range(4)])
         want = moe_reference(x.float(), w13, w2, weights, experts)
-    if mode == "int4":
-        assert calls and all(shape == (128, 128) for shape in calls)  # w2 parts [dim, 128 hidden units]
-    else:
-        assert calls and all(shape == () for shape in calls)  # the quantized weight itself, whole
+    assert calls and all(called == mode for called in calls)
     assert ((got.float() - want).norm() / want.norm()).item() < 1e-2

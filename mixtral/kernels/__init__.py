@@ -9,8 +9,8 @@ where the kernel cannot be built, goes to `F.linear` — logged once, never sile
 quantized weights to bf16 for products with many rows, and are built on every CPU (plain C).
 
 `amx_swiglu_add` runs one whole SwiGLU expert on AMX tiles (`amx.c`, built where the compiler targets AMX): the
-MoE layer's path for batches and prefill, bf16 or int8 weights (`amx_available`, `amx_swiglu_fits`,
-`amx_int8_fits`).
+MoE layer's path for batches and prefill, bf16, int8 or int4 weights (`amx_available`, `amx_swiglu_fits`,
+`amx_quantized_fits`).
 """
 from __future__ import annotations
 
@@ -65,20 +65,17 @@ def last_level_cache_bytes() -> int:
 AMX = _cpu_has("amx_bf16")
 MAX_ROWS = 5 if AMX else 8  # beyond this many rows of x, torch's GEMM is as fast or faster
 AMX_TRANSPOSED_ROWS = 128  # up to this many rows, `matmul` computes (W xᵀ)ᵀ on AMX (see there)
-# Bytes of a quantized weight expanded to bf16 at a time for a bf16 product (`mixtral.quant`'s GEMM path and the
-# quantized experts on AMX in `mixtral.moe`): a tile that stays in the last-level cache between its expansion and
-# its product, yet big enough for the product to run at speed (Xeon of 2026-12-01, 480 MB L3: 16-32 MB tiles
-# measured best, 2-4 MB ones slower than no tiling). A quarter of the cache, within those bounds.
-EXPANDED_TILE_BYTES = min(24 << 20, max(4 << 20, last_level_cache_bytes() // 4))
-# From this many rows an expert runs in amx.c (`amx_swiglu_add`). The eight experts of a Mixtral-8x7B layer,
-# weights from memory, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows each 111 ms against torch's 119,
-# 32 rows 117 against 117 (torch streams the weights at 24 GB/s there), 64 rows 131 against 220, 128 rows 178
-# against 254, 160 rows 225 against 285, 256 rows 314 against 349.
-AMX_EXPERT_ROWS = 33
-# int8 experts go to amx.c from fewer rows: it reads half the bytes and expands them while the tiles compute. A
-# Mixtral-8x7B layer at 64 tokens (16 rows an expert), Xeon of 2026-12-01: 111 ms against 192 through the
-# quantized path's expand-then-GEMM, which takes over from 12 rows (`quant.INT8_GEMM_ROWS` on AMX).
-AMX_INT8_EXPERT_ROWS = 12
+# From this many rows an expert runs in amx.c (`amx_swiglu_add`); below, `moe.swiglu`'s GEMV (up to MAX_ROWS) and
+# torch's GEMM. The eight experts of a Mixtral-8x7B layer, weights from memory, Xeon of 2026-12-01
+# (benchmarks/amx_experts.py): bf16 6 rows 124 ms against torch's 136, 16 rows 124 against 131, 24-32 rows even
+# (both stream the weights at about 22 GB/s), 48 rows 137 against 240, 128 rows 178 against 254. In a layer amx.c
+# also saves the gather of the expert's tokens and the scatter of its output.
+AMX_EXPERT_ROWS = 6
+# Quantized experts, expanded inside amx.c a block of rows at a time, against their own kernels (torch's int8
+# kernel, our int4 GEMV, expand-then-GEMM): int8 5 rows 94 ms against 158 (4 rows: 95 against 84), int4 3 rows 60
+# against 67 (2 rows: 65 against 55), 16 rows 55 against 164.
+AMX_INT8_EXPERT_ROWS = 5
+AMX_INT4_EXPERT_ROWS = 3
 
 
 @lru_cache(maxsize=1)
@@ -112,7 +109,7 @@ def _library() -> ctypes.CDLL | None:
     library.dequant_int4.restype = library.dequant_int8.restype = None
     library.has_amx = AMX and library.amx_request() == 0
     if library.has_amx:
-        library.amx_swiglu.argtypes = [p, p, p, i, i, p, p, i, i, p, p, p, p, p, i, i, i, p, p, p, p]
+        library.amx_swiglu.argtypes = [p, p, p, i, i, i, i, p, p, p, p, p, i, i, i, p, p, p, p, i, p, p, p, p, i]
         library.amx_swiglu.restype = None
     elif AMX:
         log.info("the CPU has AMX but the kernels were not built for it; experts use torch's GEMM")
@@ -204,12 +201,13 @@ def amx_swiglu_fits(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> boo
 _CHUNK_BYTES = _cache_sizes().get(2, 2**21) * 3 // 4
 
 
-def _k_chunk(k: int, columns: int) -> int:
-    """Tiles of 32 along K per chunk, for `columns` columns of B (see `_CHUNK_BYTES`)."""
+def _k_chunk(k: int, columns: int, multiple: int = 1) -> int:
+    """Tiles of 32 along K per chunk, for `columns` columns of B (see `_CHUNK_BYTES`); a multiple of `multiple`
+    (whole int4 groups, which divide 64 tiles)."""
     most = max(1, _CHUNK_BYTES // ((columns // 16 + 2) * 1024))  # B: 1 KB a tile per 16 columns; A: 2 KB a tile
     if most >= 64:
         most = most // 64 * 64
-    return min(k // 32, most)
+    return min(k // 32, max(multiple, most // multiple * multiple))
 
 
 def amx_swiglu_add(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, scale: torch.Tensor | None,
@@ -217,16 +215,16 @@ def amx_swiglu_add(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None
     """out[rows] += scale[:, None] * expert(x[rows]) for one SwiGLU expert, w2 · (silu(w1 · x) * (w3 · x)), on AMX
     tiles (amx.c), gathering the rows and scattering the result inside the kernel. out float32 [*, dim]; x bf16
     [*, dim]; rows int64 [n], each row once (None: x's rows in order); scale float32 [n] (None: 1). w13 [2H, dim]
-    and w2 [dim, H]: bf16 tensors, or int8 weights (`mixtral.quant.QuantizedWeight`, see `amx_int8_fits`), which
-    amx.c expands a block of rows at a time between reading them and multiplying them. The products accumulate
-    in float32 and silu(gate) * up is rounded to bf16 once (torch's path rounds the gate, the up projection and
-    silu(gate) each, and the expert's output)."""
+    and w2 [dim, H]: bf16 tensors, or int8/int4 weights (`mixtral.quant.QuantizedWeight`, see
+    `amx_quantized_fits`), which amx.c expands a block of rows at a time between reading them and multiplying
+    them. The products accumulate in float32 and silu(gate) * up is rounded to bf16 once (torch's path rounds the
+    gate, the up projection and silu(gate) each, and the expert's output)."""
     n = len(rows) if rows is not None else len(x)
     quantized = not isinstance(w13, torch.Tensor)
     dim, hidden = (w2.out_features, w2.in_features) if quantized else w2.shape
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape[1] == dim and x.is_contiguous()
     columns = -(-n // 16) * 16
-    kc1, kc2 = _k_chunk(dim, columns), _k_chunk(hidden, columns)
+    kc1, kc2 = _k_chunk(dim, columns, _group_tiles(w13)), _k_chunk(hidden, columns, _group_tiles(w2))
     partial1 = _scratch_buffer("partial1", 2 * hidden * columns, torch.float32) if kc1 < dim // 32 else None
     partial2 = _scratch_buffer("partial2", dim * columns, torch.float32) if kc2 < hidden // 32 else None
     packed_x = _scratch_buffer("packed_x", dim * columns, torch.bfloat16)
@@ -239,24 +237,35 @@ def amx_swiglu_add(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None
     def address(t: torch.Tensor | None):
         return t.data_ptr() if t is not None else None
 
-    if quantized:
-        bf16 = (None, None)
-        q13, s13, q2, s2 = w13.qweight, w13.scales.to(torch.bfloat16), w2.qweight, w2.scales.to(torch.bfloat16)
-        int8 = tuple(address(t.contiguous()) for t in (q13, s13, q2, s2))
-    else:
-        bf16, int8 = (w13.data_ptr(), w2.data_ptr()), (None, None, None, None)
-    _library().amx_swiglu(x.data_ptr(), address(rows), address(scale), n, columns, *bf16, dim, hidden,
-                          out.data_ptr(), address(partial1), address(partial2), packed_x.data_ptr(),
-                          packed_h.data_ptr(), kc1, kc2, torch.get_num_threads(), *int8)
+    def weight(w) -> tuple:  # amx.c's (bf16, q, scale, zero, group)
+        if isinstance(w, torch.Tensor):
+            return w.data_ptr(), None, None, None, 0
+        parts = [w.qweight, w.scales.to(torch.bfloat16), w.zeros]  # .to: int8 scales follow the model's dtype
+        keep.extend(parts)
+        q, s, z = (address(t.contiguous() if t is not None else None) for t in parts)
+        return None, q, s, z, w.group_size or 0
+
+    keep: list[torch.Tensor] = []  # the converted scales live until the call returns
+    _library().amx_swiglu(x.data_ptr(), address(rows), address(scale), n, columns, dim, hidden, out.data_ptr(),
+                          address(partial1), address(partial2), packed_x.data_ptr(), packed_h.data_ptr(), kc1, kc2,
+                          torch.get_num_threads(), *weight(w13), *weight(w2))
 
 
-def amx_int8_fits(x: torch.Tensor, w13, w2) -> bool:
-    """Whether `amx_swiglu_add` takes this expert as int8 weights: `mixtral.quant` int8 weights (per-row scales),
-    bf16 inference where amx.c runs, dim and hidden multiples of 32."""
-    if not (getattr(w13, "mode", None) == getattr(w2, "mode", None) == "int8" and amx_available()):
+def _group_tiles(w) -> int:
+    """Tiles of 32 along K that a chunk must be a multiple of: whole groups of an int4 weight, else 1."""
+    return (w.group_size // 32) if getattr(w, "mode", None) == "int4" else 1
+
+
+def amx_quantized_fits(x: torch.Tensor, w13, w2) -> bool:
+    """Whether `amx_swiglu_add` takes this expert as quantized weights: `mixtral.quant` int8 (per-row scales) or
+    int4 (group-wise, no padding columns) weights, both of one mode, bf16 inference where amx.c runs, dim and
+    hidden multiples of 32."""
+    mode = getattr(w13, "mode", None)
+    if not (mode in ("int8", "int4") and getattr(w2, "mode", None) == mode and amx_available()):
         return False
     dim, hidden = w2.out_features, w2.in_features
-    return (bf16_activations(x) and w13.out_features == 2 * hidden and w13.in_features == dim and dim % 32 == 0 and hidden % 32 == 0
+    return (bf16_activations(x) and w13.out_features == 2 * hidden and w13.in_features == dim
+            and dim % 32 == 0 and hidden % 32 == 0 and w13.padding == 0 and w2.padding == 0
             and w13.qweight.is_contiguous() and w2.qweight.is_contiguous() and len(x) > 0)
 
 
@@ -387,7 +396,7 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     """The bf16 weight [N, K] of an int4 weight in `pack_int4`'s layout (scale, zero bfloat16 [N, K/G]).
     scratch: write into this thread's reused buffer (valid until the next scratch call; not for autograd).
     out: write into this contiguous bf16 [N, K] tensor instead. The inputs may be blocks of columns of bigger
-    tensors (rows of each contiguous, read in place: `QuantizedWeight.expand_into`)."""
+    tensors (rows of each contiguous, read in place)."""
     n, half = packed.shape
     groups = scale.shape[1]
     assert scale.dtype == zero.dtype == torch.bfloat16 and packed.dtype == torch.uint8

@@ -235,46 +235,59 @@ void gemv_int4(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, in
 // loops do not vectorize: 1.5 ns a weight), plain C elsewhere; both compute (q - 8) * s, then + z, in float32 and
 // round to nearest even, so they agree with each other and with mixtral.quant.dequantize_int4 bit for bit.
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-static inline void int4_expand16(__m128i bytes, int shift, __m512 s, __m512 z, uint16_t *out) {
-    __m512i q = _mm512_and_si512(_mm512_srli_epi32(_mm512_cvtepu8_epi32(bytes), shift), _mm512_set1_epi32(15));
-    __m512 w = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))), s), z);
-    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(w));
+// int4 in gemv_int4's packing, w = (q - 8) * s[n, g] + z[n, g], s and z bf16 [N, K/G]; one thread, N rows of
+// K weights (whole groups) into out, rows ldo elements apart. Row strides: ldq bytes of Q, lds elements of S and
+// Z (a block of columns of a bigger weight, read in place). Each group's 16 possible values are computed once and
+// its nibbles index them (vpermw): 7 instructions for 32 weights against 20 converting each one, which matters
+// where amx.c expands a block of rows between reading it and multiplying it.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+static inline __m512i int4_table(float s, float z) {  // the 16 bf16 values (q - 8) * s + z, q = 0..15
+    const __m512 levels = _mm512_cvtepi32_ps(_mm512_setr_epi32(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm512_castsi256_si512(
+        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_mul_ps(levels, _mm512_set1_ps(s)), _mm512_set1_ps(z))));
+}
+
+static inline __m512i int4_unpack32(const uint8_t *q, __m512i table) {  // 16 bytes -> 32 bf16 weights
+    __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+    __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, _mm256_set1_epi16(15))),
+                                       _mm256_srli_epi16(bytes, 4), 1);
+    return _mm512_permutexvar_epi16(index, table);
 }
 #endif
 
-// int4 in gemv_int4's packing, w = (q - 8) * s[n, g] + z[n, g], s and z bf16 [N, K/G].
-// Row strides: ldq bytes of Q, lds elements of S and Z (a block of columns of a bigger weight, read in place).
-void dequant_int4(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int N, int K, int G,
-                  uint16_t *out, int threads) {
+void dequant_int4_rows(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int N, int K,
+                       int G, uint16_t *out, long ldo) {
     const int groups = K / G;
-    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *q = Q + (long)n * ldq;
-        uint16_t *o = out + (long)n * K;
+        uint16_t *o = out + (long)n * ldo;
         for (int g = 0; g < groups; g++) {
             const float s = bf16_to_float(S[(long)n * lds + g]), z = bf16_to_float(Z[(long)n * lds + g]);
-            for (int b = g * G; b < (g + 1) * G; b += 32) {
-                const uint8_t *qb = q + b / 2;
-                uint16_t *ob = o + b;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-                __m128i bytes = _mm_loadu_si128((const __m128i *)qb);
-                int4_expand16(bytes, 0, _mm512_set1_ps(s), _mm512_set1_ps(z), ob);
-                int4_expand16(bytes, 4, _mm512_set1_ps(s), _mm512_set1_ps(z), ob + 16);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+            const __m512i table = int4_table(s, z);
+            for (int b = g * G; b < (g + 1) * G; b += 32) _mm512_storeu_si512(o + b, int4_unpack32(q + b / 2, table));
 #else
+            for (int b = g * G; b < (g + 1) * G; b += 32)
                 for (int i = 0; i < 16; i++) {
-                    float lo = (float)((qb[i] & 15) - 8) * s, hi = (float)((qb[i] >> 4) - 8) * s;
-                    ob[i] = float_to_bf16(lo + z);
-                    ob[16 + i] = float_to_bf16(hi + z);
+                    const uint8_t byte = q[b / 2 + i];
+                    o[b + i] = float_to_bf16((float)((byte & 15) - 8) * s + z);
+                    o[b + 16 + i] = float_to_bf16((float)((byte >> 4) - 8) * s + z);
                 }
 #endif
-            }
         }
     }
 }
 
+void dequant_int4(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int N, int K, int G,
+                  uint16_t *out, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++)
+        dequant_int4_rows(Q + (long)n * ldq, ldq, S + (long)n * lds, Z + (long)n * lds, lds, 1, K, G,
+                          out + (long)n * K, K);
+}
+
 // int8, per output channel: w = q * s[n], s bf16 [N]; rows of Q ldq bytes apart, of out ldo elements. One
-// thread; amx.c calls it for the rows of a block it is about to multiply.
+// thread.
 void dequant_int8_rows(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, long ldo) {
     for (int n = 0; n < N; n++) {
         const float s = bf16_to_float(S[n]);
@@ -296,3 +309,37 @@ void dequant_int8(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, ui
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++) dequant_int8_rows(Q + (long)n * ldq, ldq, S + n, 1, K, out + (long)n * K, K);
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// For amx.c: 16 rows of K weights (int4: whole groups, strides as in dequant_int4_rows; int8: per-row scales)
+// expanded into AMX A tiles, one after the other: tile t (weights 32t..32t+31 of the 16 rows) at t * 512, each
+// row of it 64 bytes. Written tile by tile, so every store continues the one before: rows of an expanded block
+// lie 8 KB apart for a 4096-wide weight, all in one set of L1, and the tile loads from such rows, or stores into
+// tiles row by row, evicted each other (a 16-row int4 layer's tile loads took as long as its expansion).
+void dequant_int4_tiles(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int K, int G,
+                        uint16_t *out) {
+    __m512i table[16];
+    for (int g = 0; g < K / G; g++) {
+        for (int r = 0; r < 16; r++) table[r] = int4_table(bf16_to_float(S[r * lds + g]), bf16_to_float(Z[r * lds + g]));
+        for (int b = g * G; b < (g + 1) * G; b += 32) {
+            uint16_t *tile = out + (long)(b / 32) * 512;
+            for (int r = 0; r < 16; r++) _mm512_storeu_si512(tile + r * 32, int4_unpack32(Q + r * ldq + b / 2, table[r]));
+        }
+    }
+}
+
+void dequant_int8_tiles(const int8_t *Q, long ldq, const uint16_t *S, int K, uint16_t *out) {
+    __m512 scale[16];
+    for (int r = 0; r < 16; r++) scale[r] = _mm512_set1_ps(bf16_to_float(S[r]));
+    for (int b = 0; b < K; b += 32) {
+        uint16_t *tile = out + (long)(b / 32) * 512;
+        for (int r = 0; r < 16; r++) {
+            const int8_t *q = Q + r * ldq + b;
+            __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), scale[r]);
+            __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))),
+                                      scale[r]);
+            _mm512_storeu_si512(tile + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+}
+#endif
