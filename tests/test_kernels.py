@@ -173,9 +173,11 @@ def test_amx_swiglu_matches_float32_and_beats_rounding_each_step(rows, chunked, 
 @needs_amx
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("mode, group, hidden", [("int8", None, 224), ("int4", 32, 224), ("int4", 128, 384)])
-def test_amx_swiglu_on_quantized_weights_equals_their_dequantized_expert(mode, group, hidden, chunked, monkeypatch):
+@pytest.mark.parametrize("rows", [10, 70])  # one pass over one column tile (sums kept in the tiles); three passes
+def test_amx_swiglu_on_quantized_weights_equals_their_dequantized_expert(mode, group, hidden, rows, chunked,
+                                                                         monkeypatch):
     from mixtral import quant
-    rows, dim = 70, 256
+    dim = 256
     columns = -(-rows // 16) * 16
     if chunked:  # several K chunks: each block's rows expanded per chunk; int4 chunks rounded to whole groups
         monkeypatch.setattr(kernels, "_CHUNK_BYTES", 6 * 1024 * (columns // 16 + 2))
@@ -189,8 +191,8 @@ def test_amx_swiglu_on_quantized_weights_equals_their_dequantized_expert(mode, g
         weights.append(quant.quantize_linear(linear, mode, **options)._weight())
     w13, w2 = weights
     x = torch.randn(rows, dim, generator=g).bfloat16()
-    picked = torch.randperm(rows, generator=g)[:50]
-    gates = torch.rand(50, generator=g)
+    picked = torch.randperm(rows, generator=g)[:rows * 5 // 7]
+    gates = torch.rand(len(picked), generator=g)
     assert kernels.amx_quantized_fits(x, w13, w2)
     out = torch.zeros(rows, dim)
     kernels.amx_swiglu_add(out, x, picked, gates, w13, w2)

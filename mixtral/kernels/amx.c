@@ -217,26 +217,6 @@ static inline __attribute__((always_inline)) void accumulate(
     }
 }
 
-// Quantized weights with one pass over the columns (up to 32 tokens): K tiles [k0, k1) of the block's rows
-// are expanded FUSED_TILES at a time into `small`, which stays in L1, and multiplied at once. Expanding the
-// whole chunk into L2 first and multiplying it after, the tile loads waited on L2 behind the prefetches of the
-// next block (eight int4 experts at 16 rows, Xeon of 2026-12-01: 55-58 ms against 75).
-#ifndef FUSED_TILES
-#define FUSED_TILES 4
-#endif
-static inline __attribute__((always_inline)) void fused_pass(
-        const weight *w, int K, long r0, long pair, uint16_t *small, const uint16_t *bp, int k0, int k1,
-        const char *next0, const char *next1, long next_ld, long next_bytes, long shares, const int two) {
-    int step = w->zero && w->group / 32 > FUSED_TILES ? w->group / 32 : FUSED_TILES;  // whole int4 groups
-    for (int s0 = k0; s0 < k1; s0 += step) {
-        int s1 = s0 + step < k1 ? s0 + step : k1;
-        expand_tiles(w, K, r0, s0, s1, small);
-        expand_tiles(w, K, r0 + pair, s0, s1, small + 16L * (s1 - s0) * 32);
-        accumulate(small, small + 16L * (s1 - s0) * 32, 32, 512, s0, K / 32, bp, 0, s0, s1, next0, next1, next_ld,
-                   next_bytes, s0 - k0, shares, two);
-    }
-}
-
 // dst[16 x 16] (row stride ld floats) = tile a + tile b, after a one-column-tile pass (its two sums of K tiles).
 #define STORE_SUM(a, b, dst, ld)                                                                      \
     do {                                                                                              \
@@ -248,14 +228,77 @@ static inline __attribute__((always_inline)) void fused_pass(
                                                                     _mm512_loadu_ps(part_[1] + r_ * 16))); \
     } while (0)
 
+// The accumulators of a pass into d0 and d1 (rows of 16 x N floats, column tile nb first), or, with d0 NULL
+// (K fully summed), handed on: silu(gate) * up into the next product's B tiles, or added to the output rows.
+static inline __attribute__((always_inline)) void end_pass(float *d0, float *d1, int N, int nb, int r0, long pair,
+                                                           const finish *f, const int two) {
+    if (d0) {
+        if (two) {
+            _tile_stored(0, d0, N * 4); _tile_stored(2, d1, N * 4);
+            _tile_stored(1, d0 + 16, N * 4); _tile_stored(3, d1 + 16, N * 4);
+        } else {
+            STORE_SUM(0, 1, d0, N); STORE_SUM(2, 3, d1, N);
+        }
+        return;
+    }
+    float acc[4][256];
+    if (two) {
+        _tile_stored(0, acc[0], 64); _tile_stored(2, acc[2], 64);
+        _tile_stored(1, acc[1], 64); _tile_stored(3, acc[3], 64);
+    } else {
+        STORE_SUM(0, 1, acc[0], 16); STORE_SUM(2, 3, acc[2], 16);
+    }
+    if (f->swiglu) {
+        silu_mul_to_tiles(acc[0], acc[2], r0, nb, f->H / 32, f->bp2);
+        if (two) silu_mul_to_tiles(acc[1], acc[3], r0, nb + 1, f->H / 32, f->bp2);
+    } else {  // rows r0.. and r0 + pair.. of the output's dim, tokens of tiles nb (and nb + 1)
+        for (int t = 0; t < 4; t++)
+            if (two || !(t & 1))
+                add_tile_to_rows(acc[t], r0 + (t >= 2 ? (int)pair : 0), (nb + (t & 1)) * 16, f->n, f->rows,
+                                 f->scale, f->out, f->dim);
+    }
+}
+
+// One pass of a block over K tiles [s0, s1): accumulators from p0/p1 (or zero, when `load` is 0), the products,
+// then `end_pass` into d0/d1 (or handed on, d0 NULL). Inlined with `two` constant.
+static inline __attribute__((always_inline)) void block_pass(
+        const uint16_t *a0, const uint16_t *a1, long lda, long a_step, int koff, int KB, const uint16_t *bp, int nb,
+        int N, int s0, int s1, int load, float *p0, float *p1, float *d0, float *d1, int r0, long pair,
+        const finish *f, const char *next0, const char *next1, long next_ld, long next_bytes, long it0,
+        long shares, const int two) {
+    begin_pass(load, p0, p1, N, two);
+    accumulate(a0, a1, lda, a_step, koff, KB, bp, nb, s0, s1, next0, next1, next_ld, next_bytes, it0, shares, two);
+    end_pass(d0, d1, N, nb, r0, pair, f, two);
+}
+
+// Quantized weights are expanded a slab of K tiles at a time (whole int4 groups) into `slab`, A tiles that
+// stay in L1, and the block's passes over all its columns multiply each slab before the next is expanded; with
+// several passes the block's partial sums wait in `held` ([32, N] floats) between slabs. Expanding a whole chunk
+// into L2 first and multiplying it after, the tile loads waited on L2 behind the prefetches of the next block.
+// Eight int4 experts, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows 53-56 ms against 75, 64 rows
+// 93-98 against 118, 128 rows 158-168 against 167-191; slabs of 16 tiles lose most of it (67, 126, 190). bf16
+// weights copied into slabs the same way were slower than read in place (128 rows: 249 ms against 178): the
+// copy waits on memory where the tile loads had waited on the prefetched lines.
+#ifndef SLAB_TILES
+#define SLAB_TILES 4        // one pass over the columns (up to 32 tokens)
+#endif
+#ifndef SLAB_TILES_WIDE
+#define SLAB_TILES_WIDE 8   // several passes, each slab's partial sums stored and reloaded between them
+#endif
+
+static inline int slab_tiles(const weight *w, int passes) {
+    int tiles = passes == 1 ? SLAB_TILES : SLAB_TILES_WIDE;
+    return w->zero && w->group / 32 > tiles ? w->group / 32 : tiles;
+}
+
 // C = W · B for `blocks` blocks of 32 weight rows: block i is rows [i*step, i*step + 16) and the 16 rows `pair`
 // further on (the next 16 for a plain product; the matching up-projection rows for w13, so that gate and up
-// meet in one block). W [*, K] bf16 row-major; B in tiles (bp, N columns, N % 16 == 0). Each thread takes a
-// contiguous range of blocks and walks K in chunks of `kc` tiles, outermost, so one chunk of B stays in L2 for
-// all its weight rows; partial sums wait in c [rows of W, N] float32 (unused with one chunk; each block's stay
-// with its thread, so chunks need no barrier). While it computes a block, a thread prefetches the next one it
-// will read: the next block, or its first block's next chunk. The last chunk hands each block to `f`. Called
-// inside an OpenMP parallel region; ends in a barrier.
+// meet in one block). W [*, K] row-major (see `weight`); B in tiles (bp, N columns, N % 16 == 0). Each thread
+// takes a contiguous range of blocks and walks K in chunks of `kc` tiles, outermost, so one chunk of B stays in
+// L2 for all its weight rows; partial sums wait in c [rows of W, N] float32 (unused with one chunk; each
+// block's stay with its thread, so chunks need no barrier). While it computes a block, a thread prefetches the
+// next one it will read: the next block, or its first block's next chunk. The last chunk hands each block to
+// `f`. Called inside an OpenMP parallel region; ends in a barrier.
 static void tile_product(const weight *w, int K, long step, long pair, int blocks, const uint16_t *bp, int N,
                          int kc, float *c, const finish *f) {
     int KB = K / 32, NB = N / 16, passes = (NB + 1) / 2;
@@ -264,10 +307,9 @@ static void tile_product(const weight *w, int K, long step, long pair, int block
     int b0 = me * share + (me < extra ? me : extra), b1 = b0 + share + (me < extra);
     long tb = tile_bytes(w), row_bytes = KB * tb;
     const char *base = w->q ? (const char *)w->q : (const char *)w->bf16;
-    int fused = w->q && passes == 1;
-    int room = fused ? (w->zero && w->group / 32 > FUSED_TILES ? w->group / 32 : FUSED_TILES) : kc;  // tiles
-    uint16_t *expanded = w->q ? aligned_alloc(64, (size_t)32 * room * 32 * 2) : NULL;
-    float acc[4][256];
+    int st = slab_tiles(w, passes);
+    uint16_t *slab = w->q ? aligned_alloc(64, (size_t)32 * st * 32 * 2) : NULL;  // 32 rows of one slab
+    float *held = w->q && passes > 1 ? aligned_alloc(64, (size_t)32 * N * 4) : NULL;
     for (int k0 = 0; k0 < KB; k0 += kc) {
         int k1 = k0 + kc < KB ? k0 + kc : KB, last = k1 == KB;
         long shares = (long)passes * (k1 - k0);
@@ -283,71 +325,62 @@ static void tile_product(const weight *w, int K, long step, long pair, int block
                 next_bytes = (long)(k2 - k1) * tb;
             }
             if (next0) next1 = next0 + pair * row_bytes;
-            const uint16_t *a0, *a1;
-            long lda = K, a_step = 32;
-            int koff = 0;
-            if (w->q && !fused) {  // this block's rows of the chunk, expanded: 16 rows, then the 16 `pair` on
-                expand_tiles(w, K, i * step, k0, k1, expanded);
-                expand_tiles(w, K, i * step + pair, k0, k1, expanded + 16L * (k1 - k0) * 32);
-                a0 = expanded;
-                a1 = expanded + 16L * (k1 - k0) * 32;
-                lda = 32;
-                a_step = 512;
-                koff = k0;
-            } else {
-                a0 = w->bf16 + i * step * K;  // (unused when fused)
-                a1 = a0 + pair * K;
+            int r0 = (int)(i * step);
+            float *chunk0 = c + r0 * (long)N, *chunk1 = chunk0 + pair * N;  // the block's partial sums
+            if (!w->q) {  // bf16: the weight rows are the A tiles, in place
+                const uint16_t *a0 = w->bf16 + r0 * (long)K, *a1 = a0 + pair * K;
+                for (int nb = 0; nb < NB; nb += 2) {
+                    float *p0 = chunk0 + nb * 16, *p1 = chunk1 + nb * 16;
+                    float *d0 = last ? NULL : p0, *d1 = last ? NULL : p1;
+                    long it0 = (long)(nb / 2) * (k1 - k0);
+                    if (nb + 1 < NB)
+                        block_pass(a0, a1, K, 32, 0, KB, bp, nb, N, k0, k1, k0, p0, p1, d0, d1, r0, pair, f,
+                                   next0, next1, row_bytes, next_bytes, it0, shares, 1);
+                    else
+                        block_pass(a0, a1, K, 32, 0, KB, bp, nb, N, k0, k1, k0, p0, p1, d0, d1, r0, pair, f,
+                                   next0, next1, row_bytes, next_bytes, it0, shares, 0);
+                }
+                continue;
             }
-            for (int nb = 0; nb < NB; nb += 2) {
-                int two = nb + 1 < NB;
-                float *c0 = c + i * step * N + nb * 16, *c1 = c0 + pair * N;
-                long it0 = (long)(nb / 2) * (k1 - k0);
-                if (two) {
-                    begin_pass(k0, c0, c1, N, 1);
-                    if (fused)
-                        fused_pass(w, K, i * step, pair, expanded, bp, k0, k1, next0, next1, row_bytes, next_bytes,
-                                   shares, 1);
-                    else
-                        accumulate(a0, a1, lda, a_step, koff, KB, bp, nb, k0, k1, next0, next1, row_bytes,
-                                   next_bytes, it0, shares, 1);
-                } else {
-                    begin_pass(k0, c0, c1, N, 0);
-                    if (fused)
-                        fused_pass(w, K, i * step, pair, expanded, bp, k0, k1, next0, next1, row_bytes, next_bytes,
-                                   shares, 0);
-                    else
-                        accumulate(a0, a1, lda, a_step, koff, KB, bp, nb, k0, k1, next0, next1, row_bytes,
-                                   next_bytes, it0, shares, 0);
-                }
-                if (!last) {
-                    if (two) {
-                        _tile_stored(0, c0, N * 4); _tile_stored(2, c1, N * 4);
-                        _tile_stored(1, c0 + 16, N * 4); _tile_stored(3, c1 + 16, N * 4);
+            for (int s0 = k0; s0 < k1; s0 += st) {  // quantized: slab by slab, see SLAB_TILES
+                int s1 = s0 + st < k1 ? s0 + st : k1, first = s0 == k0, final = s1 == k1;
+                const uint16_t *a0 = slab, *a1 = slab + 16L * (s1 - s0) * 32;
+                expand_tiles(w, K, r0, s0, s1, slab);
+                expand_tiles(w, K, r0 + pair, s0, s1, slab + 16L * (s1 - s0) * 32);
+                for (int nb = 0; nb < NB; nb += 2) {
+                    // partial sums come from the chunk's (or zero) at the first slab, from `held` after; they go
+                    // to `held` until the last slab, then to the chunk's (or on, at the last chunk)
+                    float *h0 = held ? held + nb * 16 : NULL, *h1 = held ? h0 + 16L * N : NULL;
+                    float *p0 = first ? chunk0 + nb * 16 : h0, *p1 = first ? chunk1 + nb * 16 : h1;
+                    float *d0 = !final ? h0 : last ? NULL : chunk0 + nb * 16;
+                    float *d1 = !final ? h1 : last ? NULL : chunk1 + nb * 16;
+                    int load = first ? k0 : 1;
+                    long it0 = (s0 - k0) * (long)passes + (long)(nb / 2) * (s1 - s0);
+                    if (passes == 1) {  // accumulators live across slabs: begin at the first, end at the last
+                        if (nb + 1 < NB) {
+                            if (first) begin_pass(k0, p0, p1, N, 1);
+                            accumulate(a0, a1, 32, 512, s0, KB, bp, nb, s0, s1, next0, next1, row_bytes,
+                                       next_bytes, it0, shares, 1);
+                            if (final) end_pass(last ? NULL : chunk0, last ? NULL : chunk1, N, nb, r0, pair, f, 1);
+                        } else {
+                            if (first) begin_pass(k0, p0, p1, N, 0);
+                            accumulate(a0, a1, 32, 512, s0, KB, bp, nb, s0, s1, next0, next1, row_bytes,
+                                       next_bytes, it0, shares, 0);
+                            if (final) end_pass(last ? NULL : chunk0, last ? NULL : chunk1, N, nb, r0, pair, f, 0);
+                        }
+                    } else if (nb + 1 < NB) {
+                        block_pass(a0, a1, 32, 512, s0, KB, bp, nb, N, s0, s1, load, p0, p1, d0, d1, r0, pair, f,
+                                   next0, next1, row_bytes, next_bytes, it0, shares, 1);
                     } else {
-                        STORE_SUM(0, 1, c0, N); STORE_SUM(2, 3, c1, N);
+                        block_pass(a0, a1, 32, 512, s0, KB, bp, nb, N, s0, s1, load, p0, p1, d0, d1, r0, pair, f,
+                                   next0, next1, row_bytes, next_bytes, it0, shares, 0);
                     }
-                    continue;
-                }
-                if (two) {
-                    _tile_stored(0, acc[0], 64); _tile_stored(2, acc[2], 64);
-                    _tile_stored(1, acc[1], 64); _tile_stored(3, acc[3], 64);
-                } else {
-                    STORE_SUM(0, 1, acc[0], 16); STORE_SUM(2, 3, acc[2], 16);
-                }
-                int r0 = (int)(i * step);
-                if (f->swiglu) {
-                    silu_mul_to_tiles(acc[0], acc[2], r0, nb, f->H / 32, f->bp2);
-                    if (two) silu_mul_to_tiles(acc[1], acc[3], r0, nb + 1, f->H / 32, f->bp2);
-                } else {  // rows r0.. and r0 + pair.. of the output's dim, tokens of tiles nb (and nb + 1)
-                    for (int t = 0; t < 4; t++)
-                        if (two || !(t & 1))
-                            add_tile_to_rows(acc[t], r0 + (t >= 2 ? (int)pair : 0), (nb + (t & 1)) * 16, f->n,
-                                             f->rows, f->scale, f->out, f->dim);
                 }
             }
         }
     }
-    free(expanded);
+    free(slab);
+    free(held);
     #pragma omp barrier
 }
 
