@@ -216,8 +216,8 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
                 experts: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped dispatch: sort the (token, expert) assignments by expert once, run each expert on its
     contiguous slice, scale by the gate weights and scatter-add back in one call. Experts that amx.c takes (from
-    `kernels.AMX_EXPERT_ROWS` rows, bf16 or quantized) gather their rows and add their gated outputs inside the
-    kernel instead.
+    `kernels.AMX_EXPERT_ROWS` rows in bf16, `AMX_INT8_EXPERT_ROWS`/`AMX_INT4_EXPERT_ROWS` quantized) gather their
+    rows and add their gated outputs inside the kernel instead.
 
     Same arguments and result as `moe_reference`. Dropped assignments are sorted past the last expert and
     never computed.

@@ -21,6 +21,9 @@ slower): x is cast to bf16 for the product and the result cast back to x's dtype
 numbers, rounded *before* the integers are computed, so every kernel multiplies by exactly the stored values.
 Anything the kernels do not take (another device, a CPU without AVX512-BF16 or a C compiler, int8 with
 in_features % 16 != 0, where torch's kernel crashes) dequantizes and calls F.linear, logged once per reason.
+In a MoE layer on a CPU with AMX, an expert with enough rows skips these: amx.c takes its quantized weights and
+expands them into its tiles as it multiplies (`kernels.amx_swiglu_add`, from `kernels.AMX_INT8_EXPERT_ROWS` /
+`AMX_INT4_EXPERT_ROWS` rows; `mixtral.moe.moe_grouped`).
 
 In memory the int4 integers are already in the file's layout below, so loading is a straight read.
 
