@@ -140,3 +140,23 @@ def test_add_bench_parser_registers_bench_under_a_cli():
     args = parser.parse_args(["bench", "moe", "--tokens", "1,16"])
     assert args.run is bench.run_moe and args.tokens == "1,16"
     assert parser.parse_args(["bench", "e2e"]).run is bench.run_e2e
+
+
+def test_profile_step_charges_the_model_parts(capsys):
+    # benchmarks/profile_step.py on the tiny preset: every part of the model gets a span, and the spans do not
+    # overlap (what the forward spends outside them, its total less theirs, is not negative).
+    import re
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import profile_step
+
+    profile_step.main(["--checkpoint", "tiny", "--steps", "2", "--prefill", "16", "--prompt", "4", "--top", "3"])
+    out = capsys.readouterr().out
+    for phase in ("decode step, batch 1", "prefill of 16 tokens"):
+        block = out[out.index(phase):]
+        rows = dict(re.findall(r"^  (attention|moe|norms|output head|embeddings|forward, outside the modules|"
+                               r"step, outside the forward) +(-?[\d.]+)", block.split("Name")[0], re.M))
+        assert {"attention", "moe", "norms", "output head", "forward, outside the modules"} <= rows.keys()
+        assert all(float(v) >= 0 for v in rows.values()) and float(rows["moe"]) > 0
+    assert re.search(r"prefill forward [\d.]+ ms, stream's first token [\d.]+ ms", out)
