@@ -124,20 +124,6 @@ def test_dequant_int8_equals_the_formula_rounded_to_bf16():
     assert torch.equal(kernels.dequant_int8(q, scale), want)
 
 
-@needs_dequant
-def test_dequantizers_read_a_block_of_columns_in_place():
-    q, scale, zero, dequant = _int4_weight(24, 512, 128, 3)
-    packed = kernels.pack_int4(q)
-    block = kernels.dequant_int4(packed[:, 64:192], scale[:, 1:3], zero[:, 1:3])  # columns 128..383: groups 1, 2
-    assert torch.equal(block, dequant[:, 128:384].to(torch.bfloat16))
-    g = torch.Generator().manual_seed(1)
-    q8 = torch.randint(-127, 128, (20, 256), generator=g, dtype=torch.int8)
-    scale8 = (torch.rand(20, generator=g) * 0.01).to(torch.bfloat16)
-    out = torch.empty(20, 96, dtype=torch.bfloat16)
-    kernels.dequant_int8(q8[:, 64:160], scale8, out=out)
-    assert torch.equal(out, (q8[:, 64:160].float() * scale8.float()[:, None]).to(torch.bfloat16))
-
-
 needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX, or the kernels are not built for it")
 
 

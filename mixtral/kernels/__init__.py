@@ -104,8 +104,8 @@ def _library() -> ctypes.CDLL | None:
             os.replace(out, lib)  # atomic: a concurrent process sees the whole library or none
     library = ctypes.CDLL(str(lib))
     p, i = ctypes.c_void_p, ctypes.c_int
-    library.dequant_int4.argtypes = [p, ctypes.c_long, p, p, ctypes.c_long, i, i, i, p, i]
-    library.dequant_int8.argtypes = [p, ctypes.c_long, p, i, i, p, i]
+    library.dequant_int4.argtypes = [p, p, p, i, i, i, p, i]
+    library.dequant_int8.argtypes = [p, p, i, i, p, i]
     library.dequant_int4.restype = library.dequant_int8.restype = None
     library.has_amx = AMX and library.amx_request() == 0
     if library.has_amx:
@@ -375,11 +375,6 @@ def _output(n: int, k: int, scratch: bool) -> torch.Tensor:
     return _scratch_buffer("dequant", n * k, torch.bfloat16).view(n, k)
 
 
-def _checked_output(out: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    assert out.shape == (n, k) and out.dtype == torch.bfloat16 and out.is_contiguous(), "out: contiguous bf16 [N, K]"
-    return out
-
-
 def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A view of `numel` elements of this thread's reused buffer `name` (see `_output`: fresh multi-MB tensors
     fault in their pages on every call; at 128 rows an expert's 20 MB of scratch for amx.c cost several ms each
@@ -391,29 +386,24 @@ def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel]
 
 
-def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scratch: bool = False,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The bf16 weight [N, K] of an int4 weight in `pack_int4`'s layout (scale, zero bfloat16 [N, K/G]).
-    scratch: write into this thread's reused buffer (valid until the next scratch call; not for autograd).
-    out: write into this contiguous bf16 [N, K] tensor instead. The inputs may be blocks of columns of bigger
-    tensors (rows of each contiguous, read in place)."""
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """The bf16 weight [N, K] of an int4 weight in `pack_int4`'s layout (scale, zero bfloat16 [N, K/G]); contiguous
+    inputs. scratch: write into this thread's reused buffer (valid until the next scratch call; not for autograd)."""
     n, half = packed.shape
     groups = scale.shape[1]
     assert scale.dtype == zero.dtype == torch.bfloat16 and packed.dtype == torch.uint8
-    assert packed.stride(1) == 1 and scale.stride(1) == 1 and zero.stride() == scale.stride()
-    out = _output(n, half * 2, scratch) if out is None else _checked_output(out, n, half * 2)
-    _library().dequant_int4(packed.data_ptr(), packed.stride(0), scale.data_ptr(), zero.data_ptr(), scale.stride(0),
-                            n, half * 2, half * 2 // groups, out.data_ptr(), torch.get_num_threads())
+    assert packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
+    out = _output(n, half * 2, scratch)
+    _library().dequant_int4(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, half * 2,
+                            half * 2 // groups, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def dequant_int8(q: torch.Tensor, scale: torch.Tensor, scratch: bool = False,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The bf16 weight [N, K] of an int8 weight q [N, K] with a bfloat16 scale per row [N]; scratch and out as in
-    `dequant_int4`."""
+def dequant_int8(q: torch.Tensor, scale: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+    """The bf16 weight [N, K] of an int8 weight q [N, K] with a bfloat16 scale per row [N]; contiguous inputs;
+    scratch as in `dequant_int4`."""
     n, k = q.shape
-    assert scale.dtype == torch.bfloat16 and q.dtype == torch.int8 and q.stride(1) == 1 and scale.is_contiguous()
-    out = _output(n, k, scratch) if out is None else _checked_output(out, n, k)
-    _library().dequant_int8(q.data_ptr(), q.stride(0), scale.data_ptr(), n, k, out.data_ptr(),
-                            torch.get_num_threads())
+    assert scale.dtype == torch.bfloat16 and q.dtype == torch.int8 and q.is_contiguous() and scale.is_contiguous()
+    out = _output(n, k, scratch)
+    _library().dequant_int8(q.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out

@@ -235,11 +235,9 @@ void gemv_int4(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, in
 // loops do not vectorize: 1.5 ns a weight), plain C elsewhere; both compute (q - 8) * s, then + z, in float32 and
 // round to nearest even, so they agree with each other and with mixtral.quant.dequantize_int4 bit for bit.
 
-// int4 in gemv_int4's packing, w = (q - 8) * s[n, g] + z[n, g], s and z bf16 [N, K/G]; one thread, N rows of
-// K weights (whole groups) into out, rows ldo elements apart. Row strides: ldq bytes of Q, lds elements of S and
-// Z (a block of columns of a bigger weight, read in place). Each group's 16 possible values are computed once and
-// its nibbles index them (vpermw): 7 instructions for 32 weights against 20 converting each one, which matters
-// where amx.c expands a block of rows between reading it and multiplying it.
+// int4 in gemv_int4's packing, w = (q - 8) * s[n, g] + z[n, g], s and z bf16 [N, K/G]. Each group's 16 possible
+// values are computed once and its nibbles index them (vpermw): 7 instructions for 32 weights against 20
+// converting each one, which matters where amx.c expands a block of rows between reading it and multiplying it.
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 static inline __m512i int4_table(float s, float z) {  // the 16 bf16 values (q - 8) * s + z, q = 0..15
     const __m512 levels = _mm512_cvtepi32_ps(_mm512_setr_epi32(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
@@ -255,63 +253,51 @@ static inline __m512i int4_unpack32(const uint8_t *q, __m512i table) {  // 16 by
 }
 #endif
 
-void dequant_int4_rows(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int N, int K,
-                       int G, uint16_t *out, long ldo) {
-    const int groups = K / G;
-    for (int n = 0; n < N; n++) {
-        const uint8_t *q = Q + (long)n * ldq;
-        uint16_t *o = out + (long)n * ldo;
-        for (int g = 0; g < groups; g++) {
-            const float s = bf16_to_float(S[(long)n * lds + g]), z = bf16_to_float(Z[(long)n * lds + g]);
+static void int4_row(const uint8_t *q, const uint16_t *S, const uint16_t *Z, int K, int G, uint16_t *o) {
+    for (int g = 0; g < K / G; g++) {
+        const float s = bf16_to_float(S[g]), z = bf16_to_float(Z[g]);
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-            const __m512i table = int4_table(s, z);
-            for (int b = g * G; b < (g + 1) * G; b += 32) _mm512_storeu_si512(o + b, int4_unpack32(q + b / 2, table));
+        const __m512i table = int4_table(s, z);
+        for (int b = g * G; b < (g + 1) * G; b += 32) _mm512_storeu_si512(o + b, int4_unpack32(q + b / 2, table));
 #else
-            for (int b = g * G; b < (g + 1) * G; b += 32)
-                for (int i = 0; i < 16; i++) {
-                    const uint8_t byte = q[b / 2 + i];
-                    o[b + i] = float_to_bf16((float)((byte & 15) - 8) * s + z);
-                    o[b + 16 + i] = float_to_bf16((float)((byte >> 4) - 8) * s + z);
-                }
+        for (int b = g * G; b < (g + 1) * G; b += 32)
+            for (int i = 0; i < 16; i++) {
+                const uint8_t byte = q[b / 2 + i];
+                o[b + i] = float_to_bf16((float)((byte & 15) - 8) * s + z);
+                o[b + 16 + i] = float_to_bf16((float)((byte >> 4) - 8) * s + z);
+            }
 #endif
-        }
     }
 }
 
-void dequant_int4(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int N, int K, int G,
-                  uint16_t *out, int threads) {
+void dequant_int4(const uint8_t *Q, const uint16_t *S, const uint16_t *Z, int N, int K, int G, uint16_t *out,
+                  int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++)
-        dequant_int4_rows(Q + (long)n * ldq, ldq, S + (long)n * lds, Z + (long)n * lds, lds, 1, K, G,
-                          out + (long)n * K, K);
+        int4_row(Q + (long)n * (K / 2), S + (long)n * (K / G), Z + (long)n * (K / G), K, G, out + (long)n * K);
 }
 
-// int8, per output channel: w = q * s[n], s bf16 [N]; rows of Q ldq bytes apart, of out ldo elements. One
-// thread.
-void dequant_int8_rows(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, long ldo) {
-    for (int n = 0; n < N; n++) {
-        const float s = bf16_to_float(S[n]);
-        const int8_t *q = Q + (long)n * ldq;
-        uint16_t *o = out + (long)n * ldo;
-        int k = 0;
+// int8, per output channel: w = q * s[n], s bf16 [N].
+static void int8_row(const int8_t *q, float s, int K, uint16_t *o) {
+    int k = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-        for (; k + 16 <= K; k += 16) {
-            __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k)))),
-                                     _mm512_set1_ps(s));
-            _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(w));
-        }
-#endif
-        for (; k < K; k++) o[k] = float_to_bf16((float)q[k] * s);
+    for (; k + 16 <= K; k += 16) {
+        __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k)))),
+                                 _mm512_set1_ps(s));
+        _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(w));
     }
+#endif
+    for (; k < K; k++) o[k] = float_to_bf16((float)q[k] * s);
 }
 
-void dequant_int8(const int8_t *Q, long ldq, const uint16_t *S, int N, int K, uint16_t *out, int threads) {
+void dequant_int8(const int8_t *Q, const uint16_t *S, int N, int K, uint16_t *out, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) dequant_int8_rows(Q + (long)n * ldq, ldq, S + n, 1, K, out + (long)n * K, K);
+    for (int n = 0; n < N; n++) int8_row(Q + (long)n * K, bf16_to_float(S[n]), K, out + (long)n * K);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// For amx.c: 16 rows of K weights (int4: whole groups, strides as in dequant_int4_rows; int8: per-row scales)
+// For amx.c: 16 rows of K weights (int4: whole groups; int8: per-row scales), rows ldq bytes of Q and lds
+// elements of S and Z apart (a block of columns of the whole weight, read in place),
 // expanded into AMX A tiles, one after the other: tile t (weights 32t..32t+31 of the 16 rows) at t * 512, each
 // row of it 64 bytes. Written tile by tile, so every store continues the one before: rows of an expanded block
 // lie 8 KB apart for a 4096-wide weight, all in one set of L1, and the tile loads from such rows, or stores into
