@@ -59,7 +59,7 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
     """One expert: w2 · (silu(w1 · x) * (w3 · x)), with w1 and w3 stacked in w13. x: [n, dim]."""
-    if len(x) >= kernels.AMX_EXPERT_ROWS and kernels.amx_swiglu_fits(x, w13, w2):
+    if isinstance(w13, torch.Tensor) and kernels.amx_takes(x, w13, w2, len(x)):
         return kernels.amx_swiglu(x, w13, w2)  # the weights stream while the tiles compute: see amx.c
     if kernels.AMX and kernels.bf16_inference(x, w13) and len(x) > kernels.MAX_ROWS:
         return transposed_swiglu(x, w13, w2)
@@ -208,10 +208,6 @@ def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return GroupedSwiGLU.apply(x_ext[source], w13.to(dtype), w2.to(dtype), padded)[rows]
 
 
-# Rows from which a quantized expert runs in amx.c, by weight mode (see `kernels.AMX_INT8_EXPERT_ROWS`).
-_AMX_QUANTIZED_ROWS = {"int8": kernels.AMX_INT8_EXPERT_ROWS, "int4": kernels.AMX_INT4_EXPERT_ROWS}
-
-
 def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                 experts: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped dispatch: sort the (token, expert) assignments by expert once, run each expert on its
@@ -241,9 +237,7 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     x_rows = x.contiguous()  # amx.c reads x's rows in place
     for e, s in _slices(counts):
         w13e, w2e, n = w13[e], w2[e], s.stop - s.start
-        if (n >= kernels.AMX_EXPERT_ROWS and kernels.amx_swiglu_fits(x, w13e, w2e)
-                or n >= _AMX_QUANTIZED_ROWS.get(getattr(w13e, "mode", None), n + 1)
-                and kernels.amx_quantized_fits(x, w13e, w2e)):
+        if kernels.amx_takes(x, w13e, w2e, n):
             # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out
             # (quantized weights: expanded a block of rows at a time as it goes)
             kernels.amx_swiglu_add(out, x_rows, token_of[s], gates[s], w13e, w2e)

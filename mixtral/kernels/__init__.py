@@ -269,6 +269,15 @@ def amx_quantized_fits(x: torch.Tensor, w13, w2) -> bool:
             and w13.qweight.is_contiguous() and w2.qweight.is_contiguous() and len(x) > 0)
 
 
+def amx_takes(x: torch.Tensor, w13, w2, rows: int) -> bool:
+    """Whether an expert fed `rows` of x runs in amx.c: bf16 weights from AMX_EXPERT_ROWS rows, int8 and int4 from
+    AMX_INT8_EXPERT_ROWS and AMX_INT4_EXPERT_ROWS, where `amx_swiglu_fits` / `amx_quantized_fits` say it can."""
+    if isinstance(w13, torch.Tensor):
+        return rows >= AMX_EXPERT_ROWS and amx_swiglu_fits(x, w13, w2)
+    least = {"int8": AMX_INT8_EXPERT_ROWS, "int4": AMX_INT4_EXPERT_ROWS}.get(getattr(w13, "mode", None))
+    return least is not None and rows >= least and amx_quantized_fits(x, w13, w2)
+
+
 def amx_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert on AMX tiles: x [n, dim] bf16 -> [n, dim] bf16 (see `amx_swiglu_add`)."""
     out = torch.zeros(x.shape, dtype=torch.float32)
