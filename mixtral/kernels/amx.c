@@ -130,7 +130,7 @@ void dequant_int4_tiles(const uint8_t *Q, long ldq, const uint16_t *S, const uin
 
 // A weight for the products: bf16 [rows, K]; int8 [rows, K] with a bf16 scale per row (q, scale); or int4 in
 // gemv.c's packing [rows, K/2] with bf16 scales and zeros [rows, K/group] (q, scale, zero, group). Quantized
-// weights are expanded a block of rows at a time into L2, between their prefetch from memory and their products.
+// weights are expanded a slab of a block's rows at a time, between their prefetch and their products (SLAB_TILES).
 typedef struct { const uint16_t *bf16; const void *q; const uint16_t *scale, *zero; int group; } weight;
 
 // Bytes of 32 consecutive weights of a row as stored.
@@ -259,16 +259,17 @@ static inline __attribute__((always_inline)) void end_pass(float *d0, float *d1,
     }
 }
 
-// One pass of a block over K tiles [s0, s1): accumulators from p0/p1 (or zero, when `load` is 0), the products,
-// then `end_pass` into d0/d1 (or handed on, d0 NULL). Inlined with `two` constant.
+// One pass of a block over K tiles [s0, s1): with `begin`, the accumulators from p0/p1 (or zero, when `load` is
+// 0); the products; with `end`, `end_pass` into d0/d1 (or handed on, d0 NULL). Without them the sums stay in the
+// tiles for the next call. Inlined with `two` constant.
 static inline __attribute__((always_inline)) void block_pass(
         const uint16_t *a0, const uint16_t *a1, long lda, long a_step, int koff, int KB, const uint16_t *bp, int nb,
-        int N, int s0, int s1, int load, float *p0, float *p1, float *d0, float *d1, int r0, long pair,
-        const finish *f, const char *next0, const char *next1, long next_ld, long next_bytes, long it0,
+        int N, int s0, int s1, int begin, int load, float *p0, float *p1, int end, float *d0, float *d1, int r0,
+        long pair, const finish *f, const char *next0, const char *next1, long next_ld, long next_bytes, long it0,
         long shares, const int two) {
-    begin_pass(load, p0, p1, N, two);
+    if (begin) begin_pass(load, p0, p1, N, two);
     accumulate(a0, a1, lda, a_step, koff, KB, bp, nb, s0, s1, next0, next1, next_ld, next_bytes, it0, shares, two);
-    end_pass(d0, d1, N, nb, r0, pair, f, two);
+    if (end) end_pass(d0, d1, N, nb, r0, pair, f, two);
 }
 
 // Quantized weights are expanded a slab of K tiles at a time (whole int4 groups) into `slab`, A tiles that
@@ -334,10 +335,10 @@ static void tile_product(const weight *w, int K, long step, long pair, int block
                     float *d0 = last ? NULL : p0, *d1 = last ? NULL : p1;
                     long it0 = (long)(nb / 2) * (k1 - k0);
                     if (nb + 1 < NB)
-                        block_pass(a0, a1, K, 32, 0, KB, bp, nb, N, k0, k1, k0, p0, p1, d0, d1, r0, pair, f,
+                        block_pass(a0, a1, K, 32, 0, KB, bp, nb, N, k0, k1, 1, k0, p0, p1, 1, d0, d1, r0, pair, f,
                                    next0, next1, row_bytes, next_bytes, it0, shares, 1);
                     else
-                        block_pass(a0, a1, K, 32, 0, KB, bp, nb, N, k0, k1, k0, p0, p1, d0, d1, r0, pair, f,
+                        block_pass(a0, a1, K, 32, 0, KB, bp, nb, N, k0, k1, 1, k0, p0, p1, 1, d0, d1, r0, pair, f,
                                    next0, next1, row_bytes, next_bytes, it0, shares, 0);
                 }
                 continue;
@@ -348,33 +349,21 @@ static void tile_product(const weight *w, int K, long step, long pair, int block
                 expand_tiles(w, K, r0, s0, s1, slab);
                 expand_tiles(w, K, r0 + pair, s0, s1, slab + 16L * (s1 - s0) * 32);
                 for (int nb = 0; nb < NB; nb += 2) {
-                    // partial sums come from the chunk's (or zero) at the first slab, from `held` after; they go
-                    // to `held` until the last slab, then to the chunk's (or on, at the last chunk)
+                    // Partial sums come from the chunk's (or zero) at the first slab, from `held` after; they go
+                    // to `held` until the last slab, then to the chunk's (or on, at the last chunk). With one
+                    // pass they stay in the tiles from the first slab to the last.
                     float *h0 = held ? held + nb * 16 : NULL, *h1 = held ? h0 + 16L * N : NULL;
                     float *p0 = first ? chunk0 + nb * 16 : h0, *p1 = first ? chunk1 + nb * 16 : h1;
                     float *d0 = !final ? h0 : last ? NULL : chunk0 + nb * 16;
                     float *d1 = !final ? h1 : last ? NULL : chunk1 + nb * 16;
-                    int load = first ? k0 : 1;
+                    int begin = first || passes > 1, end = final || passes > 1, load = first ? k0 : 1;
                     long it0 = (s0 - k0) * (long)passes + (long)(nb / 2) * (s1 - s0);
-                    if (passes == 1) {  // accumulators live across slabs: begin at the first, end at the last
-                        if (nb + 1 < NB) {
-                            if (first) begin_pass(k0, p0, p1, N, 1);
-                            accumulate(a0, a1, 32, 512, s0, KB, bp, nb, s0, s1, next0, next1, row_bytes,
-                                       next_bytes, it0, shares, 1);
-                            if (final) end_pass(last ? NULL : chunk0, last ? NULL : chunk1, N, nb, r0, pair, f, 1);
-                        } else {
-                            if (first) begin_pass(k0, p0, p1, N, 0);
-                            accumulate(a0, a1, 32, 512, s0, KB, bp, nb, s0, s1, next0, next1, row_bytes,
-                                       next_bytes, it0, shares, 0);
-                            if (final) end_pass(last ? NULL : chunk0, last ? NULL : chunk1, N, nb, r0, pair, f, 0);
-                        }
-                    } else if (nb + 1 < NB) {
-                        block_pass(a0, a1, 32, 512, s0, KB, bp, nb, N, s0, s1, load, p0, p1, d0, d1, r0, pair, f,
-                                   next0, next1, row_bytes, next_bytes, it0, shares, 1);
-                    } else {
-                        block_pass(a0, a1, 32, 512, s0, KB, bp, nb, N, s0, s1, load, p0, p1, d0, d1, r0, pair, f,
-                                   next0, next1, row_bytes, next_bytes, it0, shares, 0);
-                    }
+                    if (nb + 1 < NB)
+                        block_pass(a0, a1, 32, 512, s0, KB, bp, nb, N, s0, s1, begin, load, p0, p1, end, d0, d1, r0,
+                                   pair, f, next0, next1, row_bytes, next_bytes, it0, shares, 1);
+                    else
+                        block_pass(a0, a1, 32, 512, s0, KB, bp, nb, N, s0, s1, begin, load, p0, p1, end, d0, d1, r0,
+                                   pair, f, next0, next1, row_bytes, next_bytes, it0, shares, 0);
                 }
             }
         }
