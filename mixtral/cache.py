@@ -12,8 +12,15 @@ when 0 <= q <= p and, with a sliding window W, p - q < W. That one rule covers
 
 Padding tokens of a chunk (rows with fewer new tokens than others) are written to one extra scratch slot at the
 end of the buffer, which is never attended.
+
+The serving engine keeps one cache as a pool of rows, one sequence each, and works on it through the row
+operations: `rows` (a view over a range of rows that a forward writes into), `move_rows`, `clear_rows`, `reset`.
+Nothing outside this module touches the buffers.
 """
 from __future__ import annotations
+
+import copy
+from typing import Sequence
 
 import torch
 
@@ -35,16 +42,69 @@ class KVCache:
         self.rolling = self.window is not None and self.window + max_chunk - 1 < max_len
         self.capacity = self.window + max_chunk - 1 if self.rolling else max_len
         shape = (config.n_layers, batch_size, config.n_kv_heads, self.capacity + 1, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layer, batch, kv_heads, slot, head_dim]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slot_pos = torch.full((batch_size, self.capacity + 1), -1, dtype=torch.long, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._k = torch.zeros(shape, dtype=dtype, device=device)  # [layer, batch, kv_heads, slot, head_dim]
+        self._v = torch.zeros(shape, dtype=dtype, device=device)
+        self._slot_pos = torch.full((batch_size, self.capacity + 1), -1, dtype=torch.long, device=device)
+        self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens each row has seen
         self._slots: torch.Tensor | None = None
         self._used = 0
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self._k.shape[1]
+
+    @property
+    def row_lengths(self) -> list[int]:
+        """How many tokens each row has been fed (the position of its next token)."""
+        return self._lengths.tolist()
+
+    @property
+    def kv_tokens(self) -> int:
+        """The tokens held by all rows together."""
+        return int(self._lengths.sum())
+
+    @property
+    def nbytes(self) -> int:
+        """The memory of the key and value buffers."""
+        return self._k.nbytes + self._v.nbytes
+
+    # ---- rows --------------------------------------------------------------------------------------------------
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start:stop of this one, sharing its memory: a forward through it reads and writes
+        these rows in place, and leaves the others alone."""
+        assert 0 <= start <= stop <= self.batch_size, (start, stop, self.batch_size)
+        view = copy.copy(self)
+        view._k, view._v = self._k[:, start:stop], self._v[:, start:stop]
+        view._slot_pos, view._lengths = self._slot_pos[start:stop], self._lengths[start:stop]
+        view._slots, view._used = None, 0
+        return view
+
+    def move_rows(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy rows `src` to rows `dst` (keys, values, positions, lengths); every source row is read before any
+        is written, so [i, j] -> [j, i] swaps two rows."""
+        src, dst = list(src), list(dst)
+        assert len(src) == len(dst), (src, dst)
+        if src == dst:
+            return
+        for t in (self._k, self._v):  # [layer, row, kv_heads, slot, head_dim]
+            t[:, dst] = t[:, src]
+        self._slot_pos[dst] = self._slot_pos[src]
+        self._lengths[dst] = self._lengths[src]
+
+    def clear_rows(self, rows: Sequence[int]) -> None:
+        """Empty `rows`: no slot holds a position any more, so nothing in them is ever attended (their keys and
+        values can stay)."""
+        rows = list(rows)
+        self._slot_pos[rows] = -1
+        self._lengths[rows] = 0
+
+    def reset(self) -> None:
+        """Empty every row."""
+        self._slot_pos.fill_(-1)
+        self._lengths.zero_()
+
+    # ---- the forward pass ----------------------------------------------------------------------------------------
 
     def advance(self, chunk: int, n_new: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Make room for a chunk of `chunk` tokens per row, of which the first `n_new[b]` are real.
@@ -54,25 +114,25 @@ class KVCache:
         """
         if chunk > self.max_chunk:
             raise ValueError(f"chunk of {chunk} tokens exceeds this cache's max_chunk={self.max_chunk}")
-        device = self.lengths.device
+        device = self._lengths.device
         if n_new is None:
-            n_new = torch.full_like(self.lengths, chunk)
-        new_lengths = self.lengths + n_new
+            n_new = torch.full_like(self._lengths, chunk)
+        new_lengths = self._lengths + n_new
         longest = int(new_lengths.max())
         if longest > self.max_len:
             raise ContextLengthError(f"sequence of {longest} tokens exceeds the cache's limit of {self.max_len}")
         offsets = torch.arange(chunk, device=device)
-        positions = self.lengths[:, None] + offsets  # [batch, chunk]
+        positions = self._lengths[:, None] + offsets  # [batch, chunk]
         real = offsets < n_new[:, None]
         slots = positions % self.capacity if self.rolling else positions
         slots = torch.where(real, slots, self.capacity)  # padding goes to the scratch slot
-        self.slot_pos.scatter_(1, slots, torch.where(real, positions, -1))
-        self.slot_pos[:, self.capacity] = -1
-        self.lengths = new_lengths
+        self._slot_pos.scatter_(1, slots, torch.where(real, positions, -1))
+        self._slot_pos[:, self.capacity] = -1
+        self._lengths.copy_(new_lengths)  # in place: a view from `rows` updates the pool's lengths
         self._slots = slots
         # Attend over the slots in use only; the scratch slot is last and always left out.
         self._used = self.capacity if self.rolling else min(longest, self.capacity)
-        key_pos = self.slot_pos[:, None, : self._used]  # [batch, 1, used]
+        key_pos = self._slot_pos[:, None, : self._used]  # [batch, 1, used]
         mask = (key_pos >= 0) & (key_pos <= positions[:, :, None])
         if self.window is not None:
             mask &= positions[:, :, None] - key_pos < self.window
@@ -85,6 +145,6 @@ class KVCache:
         """Store this chunk's keys/values ([batch, kv_heads, chunk, head_dim]) for `layer`; return the keys and
         values to attend over, [batch, kv_heads, slots, head_dim], matching the mask from `advance`."""
         index = self._slots[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        return self.k[layer, :, :, : self._used], self.v[layer, :, :, : self._used]
+        self._k[layer].scatter_(2, index, k)
+        self._v[layer].scatter_(2, index, v)
+        return self._k[layer, :, :, : self._used], self._v[layer, :, :, : self._used]

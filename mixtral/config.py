@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from mixtral.errors import ConfigError
+import torch
+
+from mixtral.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class ModelConfig:
     top_k: int = 2
     rope_theta: float = 1e6
     norm_eps: float = 1e-5
-    sliding_window: int | None = None  # Mixtral has none (PITFALLS 5); Mistral 7B v0.1 attends 4096 back
+    sliding_window: int | None = None  # Mixtral has none (an early config said 4096); Mistral 7B v0.1: 4096
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -246,5 +248,26 @@ def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:
     return replace(config, **overrides)
 
 
-def as_dict(config: ModelConfig) -> dict[str, Any]:
-    return asdict(config)
+# ---- dtypes ----------------------------------------------------------------------------------------------------
+# The one vocabulary of dtype names, used by the loaders, the CLI, the trainer's config and the benchmarks. The
+# canonical names are torch's (and config.json's "torch_dtype"); the short aliases are what people type.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_CHOICES: tuple[str, ...] = (*DTYPES, *DTYPE_ALIASES)  # what a --dtype option accepts
+
+
+def parse_dtype(dtype: str | torch.dtype | None, allowed: tuple[str, ...] = tuple(DTYPES)) -> torch.dtype | None:
+    """A torch dtype from a name ("bfloat16" or its alias "bf16") or a dtype; None stays None (the caller's
+    default). `allowed` narrows the canonical names a caller takes. Raises InputError for any other name."""
+    if dtype is None:
+        return None
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else DTYPE_ALIASES.get(dtype, dtype)
+    if name not in allowed:
+        aliases = [a for a, n in DTYPE_ALIASES.items() if n in allowed]
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join([*allowed, *aliases])}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical name of a torch dtype ("bfloat16" for torch.bfloat16)."""
+    return str(dtype).removeprefix("torch.")

@@ -1,5 +1,11 @@
 """Generation: chunked prefill, then one decode step at a time through the KV cache.
 
+The steps are small public functions, run by `stream` here and by the serving engine (`mixtral.serve.engine`)
+alike: `prefill` feeds one chunk of prompt tokens to each row of a cache, `decode_step` one token to each row;
+`sample` draws one row's next token with that row's own generator (`seeded_generator`), `token_logprobs` reports
+its log-probability; `TextStream` turns a row's tokens into text piece by piece, holding back what could still
+become a stop string.
+
 `generate` works on token ids (the public contract); `stream_text` and `complete` sit on top of it for strings,
 streaming and stop strings. Prompts of different lengths share a batch without changing each other's result:
 every row runs at its own positions (see `mixtral.cache`), and sampling uses one random generator per row, so a
@@ -14,6 +20,37 @@ import torch
 from mixtral.cache import KVCache
 from mixtral.errors import ContextLengthError, InputError
 from mixtral.model import Transformer
+
+
+# ---- the steps -------------------------------------------------------------------------------------------------
+
+def prefill(model: Transformer, cache: KVCache, ids: torch.Tensor,
+            n_new: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+    """Feed one chunk of tokens to every row of `cache`: `ids` [rows, chunk], of which the first `n_new[r]` of row
+    r are real (default: all) and the rest padding.
+
+    Returns the float32 logits [rows, vocab] of each row's last real token (meaningless for a row given none).
+    Raises ContextLengthError when a row would outgrow the cache.
+    """
+    device = model.tok_embeddings.weight.device
+    n_new = None if n_new is None else torch.as_tensor(n_new, device=device)
+    return model(ids.to(device), cache=cache, n_new=n_new, last_only=True)[:, 0].float()
+
+
+def decode_step(model: Transformer, cache: KVCache, tokens: Sequence[int | None],
+                active: Sequence[bool] | None = None) -> torch.Tensor:
+    """Feed `tokens[r]` to row r of `cache`, for the rows that are `active` (default: all; the token of an inactive
+    row, None allowed, is not fed). Returns the float32 logits [rows, vocab] of each active row's next token."""
+    ids = torch.tensor([[t if t is not None else 0] for t in tokens])
+    n_new = None if active is None else [1 if a else 0 for a in active]
+    return prefill(model, cache, ids, n_new)
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for one row's sampling, seeded with `seed` (None: from fresh entropy)."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+    return generator
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
@@ -41,7 +78,19 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def token_logprobs(logits: torch.Tensor, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]] | None]:
+    """The log-probability of `token` under the logits [vocab] of one row (the model's own distribution, before
+    temperature, top-k and top-p), and the `top` most likely tokens with theirs, best first (None when top is 0)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    alternatives = None
+    if top:
+        best = torch.topk(logprobs, min(top, logprobs.numel()))
+        alternatives = list(zip(best.indices.tolist(), best.values.tolist()))
+    return float(logprobs[token]), alternatives
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_tokens: int) -> None:
+    """Raise InputError for a sampling setting `sample` cannot use, or a negative `max_new_tokens`."""
     if temperature < 0:
         raise InputError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -51,6 +100,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
 
+
+# ---- generation ------------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
 def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -77,11 +128,7 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
             raise ContextLengthError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
                                      f"exceeds the model's context of {config.context_len} tokens")
     seeds = [seed] * batch if seed is None or isinstance(seed, int) else list(seed)
-    generators = []
-    for s in seeds:
-        g = torch.Generator(device="cpu")
-        g.manual_seed(s) if s is not None else g.seed()
-        generators.append(g)
+    generators = [seeded_generator(s) for s in seeds]
 
     device = model.tok_embeddings.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -97,9 +144,9 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
     last_logits = torch.empty(batch, config.vocab_size, device=device)
     for start in range(0, longest, chunk):
         n_new = (lengths - start).clamp(0, chunk)
-        logits = model(ids[:, start:start + chunk], cache=cache, n_new=n_new, last_only=True)[:, 0]
+        logits = prefill(model, cache, ids[:, start:start + chunk], n_new)
         ends_here = (lengths > start) & (lengths <= start + chunk)
-        last_logits[ends_here] = logits[ends_here].float()
+        last_logits[ends_here] = logits[ends_here]
 
     finished = [False] * batch
     for step in range(max_new_tokens):
@@ -115,9 +162,7 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
         yield tokens
         if all(finished):
             return
-        step_ids = torch.tensor([[t if t is not None else 0] for t in tokens], device=device)
-        n_new = torch.tensor([0 if f else 1 for f in finished], device=device)
-        last_logits = model(step_ids, cache=cache, n_new=n_new, last_only=True)[:, 0].float()
+        last_logits = decode_step(model, cache, tokens, active=[not f for f in finished])
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -131,15 +176,17 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     return out
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int:
+# ---- text and stop strings -------------------------------------------------------------------------------------
+
+def find_stop(text: str, stops: Sequence[str]) -> int:
     """Index of the earliest stop string in `text`, or -1."""
     return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
 
 
-def _stop_at(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+def stop_at(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """(text safe to emit, whether a stop string was found): cut at the first stop string, and hold back any tail
     that could still grow into one."""
-    cut = _find_stop(text, stops)
+    cut = find_stop(text, stops)
     if cut >= 0:
         return text[:cut], True
     hold = 0
@@ -151,6 +198,46 @@ def _stop_at(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return text[: len(text) - hold], False
 
 
+class TextStream:
+    """One sequence's tokens in, its text out piece by piece: what `stream_text` yields and the server streams.
+
+    Text is held back while it ends in an unfinished character (`Tokenizer.stream`) or in what could still grow
+    into one of the `stop` strings, so no piece is ever taken back. Once a stop string appears the text ends
+    before it and `stopped` turns True. `context`: tokens the text continues, decoded but not part of it (a
+    completion's prompt ends in them, so its first piece keeps its leading space).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = (), context: Sequence[int] = ()):
+        self.stop = tuple(stop)
+        self.decoder = tokenizer.stream()
+        for token in context:
+            self.decoder.push(token)
+        self.text = ""  # everything decoded so far; text[:emitted] has been handed out
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the new text that is safe to show ("" while held back)."""
+        self.text += self.decoder.push(token)
+        return self._take(final=False)
+
+    def finish(self, token: int | None = None) -> str:
+        """End the text, after one last `token` if given; return what is left to show: what was held back is
+        final text now, unless it completed a stop string."""
+        if token is not None:
+            self.text += self.decoder.push(token)
+        self.text += self.decoder.flush()
+        return self._take(final=True)
+
+    def _take(self, final: bool) -> str:
+        safe, self.stopped = stop_at(self.text, self.stop)
+        if final and not self.stopped:
+            safe = self.text
+        piece = safe[self.emitted:]
+        self.emitted = max(self.emitted, len(safe))
+        return piece
+
+
 def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], max_new_tokens: int, *,
                 stop: Sequence[str] = (), **kwargs) -> Iterator[str]:
     """Yield the continuation of one prompt as text, piece by piece, ending before any of the `stop` strings.
@@ -158,26 +245,19 @@ def stream_text(model: Transformer, tokenizer, prompt: str | Sequence[int], max_
     `prompt` is a string (encoded with BOS) or token ids; keyword arguments as in `stream`.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    decoder = tokenizer.stream()
-    text, emitted = "", 0
+    text = TextStream(tokenizer, stop)
     kwargs.setdefault("eos_id", tokenizer.eos_id)
     for (token,) in stream(model, [ids], max_new_tokens, **kwargs):
         if token == kwargs["eos_id"]:
             break
-        text += decoder.push(token)
-        safe, stopped = _stop_at(text, stop)
-        if len(safe) > emitted:
-            yield safe[emitted:]
-            emitted = len(safe)
-        if stopped:
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-    # The generation ended without a stop string: what was held back (an incomplete character, the start of a
-    # stop string) is final text.
-    text += decoder.flush()
-    safe, stopped = _stop_at(text, stop)
-    text = safe if stopped else text
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = text.finish()
+    if piece:
+        yield piece
 
 
 def complete(model: Transformer, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, *,
@@ -191,7 +271,8 @@ def complete(model: Transformer, tokenizer, prompts: Sequence[str | Sequence[int
     for ids in outputs:
         if ids and ids[-1] == kwargs["eos_id"]:
             ids = ids[:-1]
+        # Decoded whole, not through a TextStream: nothing is shown before the end, so nothing is held back.
         text = tokenizer.decode(ids)
-        cut = _find_stop(text, stop)
+        cut = find_stop(text, stop)
         texts.append(text[:cut] if cut >= 0 else text)
     return texts

@@ -3,9 +3,11 @@
 Mistral 7B's architecture (RMSNorm, rotary embeddings, grouped-query attention, optional sliding window) with
 every FFN replaced by the sparse mixture of experts in `mixtral.moe`. Rotary embeddings use the
 "rotate half" convention of the Hugging Face checkpoints; Mistral-native checkpoints are permuted into it on load
-(see `mixtral.io.checkpoint`).
+(see `mixtral.io.layouts`).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -165,12 +167,43 @@ class Transformer(nn.Module):
         return h, routing
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "Transformer":
-        """Random weights (normal, std 0.02; norms at 1) for presets without a checkpoint."""
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=generator) * std)
-        return self
+        """Random weights in place (`init_weights_`) for presets without a checkpoint; returns self."""
+        return init_weights_(self, seed, std)
+
+
+def init_weights_(module: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Fill every parameter of `module` in place: norm weights with 1, the rest from N(0, std) drawn from a
+    generator seeded with `seed`, each in its own dtype (no float32 staging copy). Returns `module`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+    return module
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype = torch.float32, *,
+                on_meta: Callable[[Transformer], None] | None = None) -> Transformer:
+    """A Transformer whose parameters are allocated once, in `dtype`, and not initialised (built on the meta
+    device, then `to_empty`), with the large ones advised onto 2 MB pages before their first write. What the
+    loaders read into and what `random_model` fills.
+
+    on_meta: called with the model while it is still on the meta device, to change its modules before anything
+    is allocated (the quantized-checkpoint loader swaps in quantized ones, so no float weight ever exists)."""
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    if on_meta is not None:
+        on_meta(model)
+    model = model.to_empty(device="cpu")
+    kernels.prefer_huge_pages(model)  # before the first write, which then faults in 2 MB pages
+    if config.tie_embeddings and isinstance(model.output, nn.Linear):  # a quantized output has its own buffers
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 std: float = 0.02) -> Transformer:
+    """A randomly initialised Transformer (`init_weights_`) in eval mode, with one copy of its weights in memory."""
+    return init_weights_(empty_model(config, dtype), seed, std).eval()

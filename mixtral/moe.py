@@ -10,7 +10,9 @@ A dense FFN (Mistral 7B) is the same module with one expert and no router.
 Two dispatches compute the same thing: `moe_reference` (a loop over experts with boolean masks, the oracle)
 and `moe_grouped` (tokens sorted by expert once, one matmul per expert that got tokens on a contiguous slice,
 one scatter back; in training its backward is written by hand, `GroupedSwiGLU`). Both are dropless by default:
-every token reaches all of its top-k experts.
+every token reaches all of its top-k experts. At inference each expert's SwiGLU, w2 · (silu(w1 · x) * (w3 · x)),
+is handed to the CPU backend one expert's weights at a time (`kernels.swiglu`, `kernels.experts_add`), which
+picks the kernel; the weights may be slices of the stacks or quantized (`mixtral.quant.QuantizedExperts`).
 
 Training options of the Switch Transformer (Fedus et al. 2021), set on the module by the trainer and used only in
 training mode: `router_jitter` multiplies the router's input by U(1 - eps, 1 + eps) noise (section 2.4), and
@@ -49,37 +51,6 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return torch.softmax(top_logits, dim=-1), experts
 
 
-def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x · wᵀ for one expert's weight: a plain tensor [out, in], or a quantized weight (see `mixtral.quant`) that
-    brings its own kernel as `w.linear(x)`."""
-    if isinstance(w, torch.Tensor):
-        return kernels.matmul(x, w)
-    return w.linear(x)
-
-
-def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
-    """One expert: w2 · (silu(w1 · x) * (w3 · x)), with w1 and w3 stacked in w13. x: [n, dim]."""
-    if isinstance(w13, torch.Tensor) and kernels.amx_takes(x, w13, w2, len(x)):
-        return kernels.amx_swiglu(x, w13, w2)  # the weights stream while the tiles compute: see amx.c
-    if kernels.AMX and kernels.bf16_inference(x, w13) and len(x) > kernels.MAX_ROWS:
-        return transposed_swiglu(x, w13, w2)
-    gate, up = linear(x, w13).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, w2)
-
-
-def transposed_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """`swiglu` through torch's GEMM as (W xᵀ)ᵀ instead of x Wᵀ, for bf16 on AMX: oneDNN repacks the B operand of
-    every product for its tiles, and here that is xᵀ (n rows) instead of the 28672x4096 weight. 128 rows through
-    w13: 17.9 against 23.7 ms, w2 9.0 against 10.7 (Xeon of 2026-12-01, cold cache). The hidden activations stay
-    [2·hidden, n]. Rows are padded with zeros to a multiple of 32, the AMX kernels' blocking: 113 rows took 17.5
-    and 8.9 ms, 128 rows 16.2 and 6.2."""
-    n = len(x)
-    if n % 32:
-        x = torch.cat([x, x.new_zeros(32 - n % 32, x.shape[1])])
-    gate, up = torch.mm(w13, x.t()).chunk(2, dim=0)
-    return torch.mm(w2, F.silu(gate) * up)[:, :n].t()
-
-
 def capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
     """Assignments one expert may take: ceil(capacity_factor * tokens * top_k / n_experts) (Switch, eq. 3)."""
     return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
@@ -110,7 +81,7 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights:
         token, slot = torch.where(experts == e if kept is None else (experts == e) & kept)
         if token.numel() == 0:
             continue
-        y = swiglu(x[token], w13[e], w2[e])
+        y = kernels.swiglu(x[token], w13[e], w2[e])
         out.index_add_(0, token, y.float() * weights[token, slot, None])
     return out.to(x.dtype)
 
@@ -148,7 +119,9 @@ class GroupedSwiGLU(torch.autograd.Function):
         need_x, need_w13, need_w2 = ctx.needs_input_grad[:3]
         dxs = torch.empty_like(xs) if need_x else None
         # Zeros only matter for experts that got no rows; the others' slices are overwritten. Every expert thus
-        # has a gradient every step whatever the routing, as a data-parallel all-reduce needs (PITFALLS 4).
+        # has a gradient every step whatever the routing, as data-parallel training needs: every rank takes part
+        # in every gradient's all-reduce, so an expert that got no tokens on one rank must still hand in (zero)
+        # gradients there, or the others wait for it forever.
         dw13 = torch.zeros_like(w13) if need_w13 else None
         dw2 = torch.zeros_like(w2) if need_w2 else None
         dh = torch.empty_like(hs)  # d gate, d up
@@ -211,9 +184,8 @@ def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                 experts: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped dispatch: sort the (token, expert) assignments by expert once, run each expert on its
-    contiguous slice, scale by the gate weights and scatter-add back in one call. Experts that amx.c takes (from
-    `kernels.AMX_EXPERT_ROWS` rows in bf16, `AMX_INT8_EXPERT_ROWS`/`AMX_INT4_EXPERT_ROWS` quantized) gather their
-    rows and add their gated outputs inside the kernel instead.
+    contiguous slice, scale by the gate weights and scatter-add back. In training one autograd function runs
+    them all (`GroupedSwiGLU`); at inference `kernels.experts_add` runs each expert where the CPU backend says.
 
     Same arguments and result as `moe_reference`. Dropped assignments are sorted past the last expert and
     never computed.
@@ -232,29 +204,8 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     if torch.is_grad_enabled() and isinstance(w13, torch.Tensor) and (x.requires_grad or w13.requires_grad):
         ys = _grouped_swiglu_padded(x, w13, w2, flat_experts[order], token_of, counts)
         out.index_add_(0, token_of, ys.float() * gates[:, None])
-        return out.to(x.dtype)
-    rest = []  # (expert, its slice) for torch's GEMM or a quantized weight's own kernel
-    x_rows = x.contiguous()  # amx.c reads x's rows in place
-    for e, s in _slices(counts):
-        w13e, w2e, n = w13[e], w2[e], s.stop - s.start
-        if kernels.amx_takes(x, w13e, w2e, n):
-            # amx.c gathers the expert's tokens from x and adds their gated outputs into their rows of out
-            # (quantized weights: expanded a block of rows at a time as it goes)
-            kernels.amx_swiglu_add(out, x_rows, token_of[s], gates[s], w13e, w2e)
-        else:
-            rest.append((e, s))
-    if rest:
-        if sum(s.stop - s.start for _, s in rest) < len(order):  # amx.c took some: gather only the others
-            picked = torch.cat([torch.arange(s.start, s.stop, device=x.device) for _, s in rest])
-            token_of, gates = token_of[picked], gates[picked]
-        xs = x[token_of]  # [assignments, dim], grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, s in rest:
-            end = start + s.stop - s.start
-            ys[start:end] = swiglu(xs[start:end], w13[e], w2[e])
-            start = end
-        out.index_add_(0, token_of, ys.float() * gates[:, None])
+    else:
+        kernels.experts_add(out, x, token_of, gates, [(w13[e], w2[e], s) for e, s in _slices(counts)])
     return out.to(x.dtype)
 
 
@@ -284,7 +235,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.router is None:
-            y = swiglu(x, self.w13[0], self.w2[0]).reshape(shape)
+            y = kernels.swiglu(x, self.w13[0], self.w2[0]).reshape(shape)
             return (y, None) if return_routing else y
         logits = self.router_logits(x)
         weights, experts = route(logits, self.top_k)

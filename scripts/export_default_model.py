@@ -22,7 +22,8 @@ import torch
 import mixtral
 from mixtral.data.shards import read_manifest
 from mixtral.io.checkpoint import save_hf
-from mixtral.train.trainer import latest_checkpoint
+from mixtral.io.files import atomic_directory
+from mixtral.train.checkpoints import latest_checkpoint
 
 PROMPTS = {  # one per domain of the corpus, in its language
     "code": "def parse_args(argv):\n    ",
@@ -127,17 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     val = [v for v in val if v["step"] <= int(checkpoint.name.split("_")[1])]
     config = json.loads((run / "train_config.json").read_text())
     corpus = read_manifest(config["data"]["dir"])
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tmp, dtype=torch.bfloat16)
-    shutil.copy2(run / "curves.png", tmp / "curves.png")
-    shutil.copy2(tokenizer.path, tmp / "tokenizer.model")  # the Mixtral tokenizer, so the directory stands alone
-    with torch.inference_mode():
-        texts = samples(model, tokenizer, 48)
-    (tmp / "README.md").write_text(model_card(run, checkpoint, model, train, val, corpus, texts))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        save_hf(model, tmp, dtype=torch.bfloat16)
+        shutil.copy2(run / "curves.png", tmp / "curves.png")
+        shutil.copy2(tokenizer.path, tmp / "tokenizer.model")  # the Mixtral tokenizer: the directory stands alone
+        with torch.inference_mode():
+            texts = samples(model, tokenizer, 48)
+        (tmp / "README.md").write_text(model_card(run, checkpoint, model, train, val, corpus, texts))
     print(f"wrote {out}: " + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir())))
     return 0
 

@@ -19,8 +19,6 @@ the script can be run again after an interruption and only finishes what is miss
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time
@@ -29,8 +27,11 @@ from pathlib import Path
 import torch
 
 import mixtral
+from mixtral.io.files import atomic_path, write_json, write_text
 from mixtral.train.config import load_config
-from mixtral.train.trainer import evaluate, latest_checkpoint, read_metrics
+from mixtral.train.checkpoints import latest_checkpoint
+from mixtral.train.metrics import read_metrics
+from mixtral.train.trainer import evaluate
 
 RUNS = {  # name -> (config, what it is)
     "moe": ("configs/default.toml", "8 experts, top-2"),
@@ -95,10 +96,9 @@ def plot(out: Path, names: list[str]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out / "curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
+    with atomic_path(out / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out / "curves.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             results[name] = full_validation(name, RUNS[name][0], out, args.steps, args.data)
             print(f"{name}: all-domain validation loss {results[name]['val']['all']['loss']:.4f}", flush=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"steps": args.steps, "data": args.data, "runs": results}, indent=1))
-    os.replace(tmp, out / "results.json")
-    (out / "results.md").write_text(table(results))
+    write_json(out / "results.json", {"steps": args.steps, "data": args.data, "runs": results}, indent=1)
+    write_text(out / "results.md", table(results))
     plot(out, names)
     print(table(results))
     print(f"wrote {out}/results.json, results.md, curves.png")

@@ -19,7 +19,6 @@ from mixtral.cli import main
 from mixtral.config import ModelConfig
 from mixtral.errors import InputError
 from mixtral.model import Transformer
-from mixtral.moe import route
 
 CONFIG = ModelConfig(dim=32, n_layers=3, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, context_len=256,
                      vocab_size=128, n_experts=8, top_k=2)

@@ -4,6 +4,7 @@ Most tests run `main([...])` in-process (fast); two run `python -m mixtral.cli` 
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import shutil
@@ -17,19 +18,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mixtral
-from mixtral.cli import main
-from mixtral.config import PRESETS
+from mixtral.cli import build_parser, main
+from mixtral.config import DTYPE_CHOICES, PRESETS
 from mixtral.generate import stream_text
 from mixtral.io.tokenizer import load_tokenizer
 from mixtral.model import Transformer
-
-from conftest import transformers
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "8"]
 MIXTRAL_V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 
 def _save_hf(path: Path, seed: int = 0, **overrides) -> Path:
+    transformers = pytest.importorskip("transformers")  # only the tests of checkpoints need it
     kwargs = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
     kwargs.update(overrides)
@@ -216,6 +216,69 @@ def test_help(run, command, options):
     assert "examples:" in out
     for option in options:
         assert option in out
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser) of every subcommand under `parser`, nested ones (`routes record`) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield path + (name,), sub
+                yield from _commands(sub, path + (name,))
+
+
+COMMANDS = {path: sub for path, sub in _commands(build_parser())}
+
+
+def test_every_command_is_listed():
+    top = {path[0] for path in COMMANDS}
+    assert top == {"generate", "chat", "info", "convert", "bench", "train", "serve", "data", "routes"}
+    assert {("routes", a) for a in ("record", "report", "html", "ablate")} <= set(COMMANDS)
+    assert ("data", "prepare") in COMMANDS
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_every_command_has_help(run, path):
+    code, out, err = run(*path, "--help")
+    assert code == 0, err
+    assert out.startswith(f"usage: mixtral {' '.join(path)}")
+
+
+def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | None:
+    return next((a for a in parser._actions if flag in a.option_strings), None)
+
+
+@pytest.mark.parametrize("flag,commands", [
+    ("--model", ["generate", "chat", "info", "serve", "routes record", "routes ablate"]),
+    ("--tokenizer", ["generate", "chat", "serve", "routes record", "routes ablate"]),
+    ("--dtype", ["generate", "chat", "serve", "routes record", "routes ablate"]),
+    ("--quantize", ["generate", "chat", "serve", "routes record", "routes ablate"]),
+    ("--verbose", ["generate", "chat", "info", "convert", "serve", "routes", "routes record", "routes html"]),
+])
+def test_shared_options_are_one_definition(flag, commands):
+    actions = {command: _option(COMMANDS[tuple(command.split())], flag) for command in commands}
+    assert all(a is not None for a in actions.values()), actions
+    assert len({id(a) for a in actions.values()}) == 1, f"{flag} is defined more than once"
+    if flag == "--dtype":
+        assert tuple(actions["generate"].choices) == DTYPE_CHOICES
+    if flag == "--model":
+        assert actions["generate"].default == "default"
+
+
+def test_routes_runs_in_float32_unless_told(monkeypatch):
+    from mixtral.analysis import cli as routes_cli
+
+    seen = {}
+
+    def fake_load(model, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop before any work; main turns it into 130
+
+    monkeypatch.setattr(routes_cli, "load_model_and_tokenizer", fake_load)
+    assert main(["routes", "record", "--model", "tiny", "--source", "x=README.md"]) == 130
+    assert seen["dtype"] == "float32"
+    assert main(["routes", "record", "--model", "tiny", "--dtype", "bf16", "--source", "x=README.md"]) == 130
+    assert seen["dtype"] == "bf16"
 
 
 def test_usage_errors_keep_argparse_exit_code(run):

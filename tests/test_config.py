@@ -3,10 +3,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from mixtral.config import (PRESETS, ModelConfig, from_hf_dict, from_name, from_params_dict, to_hf_dict,
-                            to_params_dict, with_overrides)
-from mixtral.errors import ConfigError
+from mixtral.config import (DTYPE_ALIASES, DTYPE_CHOICES, PRESETS, ModelConfig, dtype_name, from_hf_dict, from_name,
+                            from_params_dict, parse_dtype, to_hf_dict, to_params_dict, with_overrides)
+from mixtral.errors import ConfigError, InputError
+from mixtral.train.config import load_config
 
 
 def test_mixtral_8x7b_matches_paper_table_1_and_parameter_counts():
@@ -75,3 +77,35 @@ def test_validation():
         ModelConfig(dim=0)
     with pytest.raises(ConfigError, match="unknown config field"):
         with_overrides(PRESETS["tiny"], n_expert=3)
+
+
+# ---- the one dtype vocabulary ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,dtype", [("float32", torch.float32), ("fp32", torch.float32),
+                                        ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+                                        ("float16", torch.float16), ("fp16", torch.float16),
+                                        (torch.bfloat16, torch.bfloat16), (None, None)])
+def test_parse_dtype_takes_names_aliases_and_dtypes(name, dtype):
+    assert parse_dtype(name) is dtype
+    if isinstance(name, str):
+        assert name in DTYPE_CHOICES
+        assert dtype_name(dtype) == DTYPE_ALIASES.get(name, name)
+
+
+def test_parse_dtype_rejects_names_outside_what_is_allowed():
+    with pytest.raises(InputError, match="unknown dtype 'int8'; choose one of float32, bfloat16, float16"):
+        parse_dtype("int8")
+    with pytest.raises(InputError, match="unknown dtype 'fp16'; choose one of bfloat16, float32, fp32, bf16"):
+        parse_dtype("fp16", allowed=("bfloat16", "float32"))
+    with pytest.raises(InputError, match="torch.float16"):
+        parse_dtype(torch.float16, allowed=("float32",))
+
+
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                        ("fp32", torch.float32), ("float32", torch.float32)])
+def test_a_training_run_names_its_dtype_in_the_same_vocabulary(name, dtype):
+    config = load_config(None, ["--data.dir", "corpus", "--train.dtype", name])
+    assert config.train.dtype == name and config.train.torch_dtype() is dtype
+    assert load_config(None, ["--data.dir", "corpus"]).train.torch_dtype() is torch.bfloat16  # the default
+    with pytest.raises(ConfigError, match="train.dtype must be one of bf16, fp32"):
+        load_config(None, ["--data.dir", "corpus", "--train.dtype", "fp16"])

@@ -546,3 +546,13 @@ def test_math_polynomial_format():
     assert mathgen.polynomial([0, 1], "y") == "y"
     assert mathgen.polynomial([3, 0, -1], "t") == "-t**2 + 3"
     assert mathgen.polynomial([0, 0], "t") == "0"
+
+
+def test_math_command_prints_or_writes_the_seeded_stream(tmp_path, capsys):
+    assert main(["data", "math", "--seed", "3", "--documents", "2", "--problems", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == "\n".join(t for _, t in zip(range(2), mathgen.documents(3, 2)))
+    out = tmp_path / "math.jsonl"
+    assert main(["data", "math", "--seed", "3", "--documents", "2", "--problems", "2", "--jsonl", str(out)]) == 0
+    lines = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert lines == [t for _, t in zip(range(2), mathgen.documents(3, 2))]

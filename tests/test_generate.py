@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import mixtral
+from mixtral.cache import KVCache
 from mixtral.config import from_name, with_overrides
 from mixtral.errors import ContextLengthError, InputError
-from mixtral.generate import _stop_at, sample
+from mixtral.generate import TextStream, decode_step, prefill, sample, stop_at, token_logprobs
 from mixtral.model import Transformer
 
 
@@ -66,9 +67,9 @@ def test_sampling_filters():
 
 
 def test_stop_string_hold_back():
-    assert _stop_at("hello wor", ["world"]) == ("hello ", False)
-    assert _stop_at("hello world!", ["world"]) == ("hello ", True)
-    assert _stop_at("abc", ["x"]) == ("abc", False)
+    assert stop_at("hello wor", ["world"]) == ("hello ", False)
+    assert stop_at("hello world!", ["world"]) == ("hello ", True)
+    assert stop_at("abc", ["x"]) == ("abc", False)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
@@ -101,9 +102,63 @@ def test_stream_text_pieces_join_to_complete_and_respect_stop():
 def test_sampling_survives_extreme_temperature_and_top_p():
     # Found by fuzzing the server: logits / 1e-300 overflowed to inf (NaN probabilities), and a top_p that rounds to
     # 0 in float32 dropped every token. Both must mean "the most likely token".
-    from mixtral.generate import sample
-
     logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
     g = torch.Generator().manual_seed(0)
     assert [sample(logits, 1e-300, generator=g) for _ in range(5)] == [1] * 5
     assert [sample(logits, 1.0, top_p=1e-300, generator=g) for _ in range(5)] == [1] * 5
+
+
+def test_the_steps_make_the_same_tokens_as_generate(model):
+    # prefill over a chunk, then decode_step one token at a time, greedy: what `generate` gives.
+    prompts = PROMPTS[:2]
+    cache = KVCache(model.config, 2, 32, max_chunk=16)
+    ids = torch.zeros(2, 11, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    out: list[list[int]] = [[], []]
+    with torch.inference_mode():
+        logits = prefill(model, cache, ids, [len(p) for p in prompts])
+        for _ in range(6):
+            tokens = [sample(row) for row in logits]
+            for row, t in zip(out, tokens):
+                row.append(t)
+            logits = decode_step(model, cache, tokens)
+    assert out == mixtral.generate(model, prompts, 6, eos_id=None)
+    # An inactive row takes nothing: its length stays.
+    with torch.inference_mode():
+        decode_step(model, cache, [None, 5], active=[False, True])
+    assert cache.row_lengths == [3 + 6, 11 + 7]
+
+
+def test_token_logprobs():
+    logits = torch.tensor([0.0, 2.0, 1.0])
+    expected = torch.log_softmax(logits, -1)
+    logprob, top = token_logprobs(logits, 2, top=2)
+    assert logprob == pytest.approx(float(expected[2]))
+    assert [t for t, _ in top] == [1, 2] and top[0][1] == pytest.approx(float(expected[1]))
+    assert token_logprobs(logits, 0)[1] is None
+    assert len(token_logprobs(logits, 0, top=10)[1]) == 3
+
+
+def test_text_stream_holds_back_and_stops():
+    tokenizer = mixtral.load_tokenizer()
+    ids = tokenizer.encode("hello world, hello moon", bos=False)
+    text = tokenizer.decode(ids)
+    plain = TextStream(tokenizer)
+    assert "".join(plain.push(t) for t in ids) + plain.finish() == text and not plain.stopped
+    # Stop string: pieces never show what it later takes back, and the text ends before it.
+    stream = TextStream(tokenizer, stop=["moon", "hello m"])
+    shown = ""
+    for t in ids:
+        shown += stream.push(t)
+        assert text.startswith(shown) and "hello m" not in shown
+        if stream.stopped:
+            break
+    assert stream.stopped and shown == "hello world, "
+    # Held back at the end, without a stop string: final text, given by finish (here with the last token).
+    held = TextStream(tokenizer, stop=["moonlight"])
+    pieces = [held.push(t) for t in ids[:-1]]
+    assert "".join(pieces) + held.finish(ids[-1]) == text and not held.stopped
+    # Context: the text continues it, so its first piece keeps the leading space.
+    follow = TextStream(tokenizer, context=tokenizer.encode("Paris", bos=False))
+    assert "".join(follow.push(t) for t in tokenizer.encode("Paris is", bos=False)[-1:]) + follow.finish() == " is"

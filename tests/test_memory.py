@@ -1,15 +1,14 @@
-"""Peak RSS while loading stays near the bytes of the weights (the benchmark at 1 GB is benchmarks/load_memory.py)."""
+"""Peak RSS while loading stays near the bytes of the weights (`mixtral bench load-memory` measures it at 1 GB)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from load_memory import measure, write_checkpoint  # noqa: E402
+from mixtral.bench.load_memory import measure, write_checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 def test_peak_rss_while_loading_is_below_1_3x_weights(tmp_path):
     weight_bytes = write_checkpoint(tmp_path / "ckpt", 0.4)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mixtral
-from mixtral.generate import _find_stop
+from mixtral.generate import find_stop
 from mixtral.serve.metrics import parse
 
 openai = pytest.importorskip("openai")
@@ -105,7 +105,7 @@ def expected(library, prompt, max_tokens, stop=(), chat=False) -> str:
         text = tokenizer.decode(new)
     else:
         text = tokenizer.decode(ids[-1:] + new)[len(tokenizer.decode(ids[-1:])):]
-    cut = _find_stop(text, stop)
+    cut = find_stop(text, stop)
     return text[:cut] if cut >= 0 else text
 
 
@@ -232,6 +232,7 @@ def test_logprobs(client):
     assert "".join(c.token for c in content).lstrip() == chat.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_32_concurrent_streaming_greedy_requests_equal_one_at_a_time(url, library):
     generator = torch.Generator().manual_seed(0)
     # Prompts of 1 to 40 tokens (some longer than the server's 16-token prefill chunk), text and ids. Batching
@@ -492,6 +493,7 @@ FUZZ_EXAMPLES = 15  # per operation and mode: ~130 requests, a few seconds again
 # nothing more)
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_get_no_5xx(url):
     """Requests generated from the server's own OpenAPI schema, fitting it (positive) and breaking it (negative):
     none may get a 5xx. (Hypothesis is driven directly: schemathesis' pytest plugin does not run on pytest 9.)"""

@@ -14,6 +14,7 @@ from mixtral.cli import main
 pytest.importorskip("httpx")
 
 
+@pytest.mark.slow
 def test_bench_serve_runs_each_level(tmp_path, capsys):
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--model", "tiny", "--clients", "1,3", "--requests", "2", "--prompt-tokens", "5",
@@ -32,13 +33,17 @@ def test_bench_serve_runs_each_level(tmp_path, capsys):
     assert "model=tiny" in printed and "decode tok/s" in printed
 
 
-def test_bench_serve_synthetic_checkpoint_and_errors(tmp_path, capsys):
+@pytest.mark.slow
+def test_bench_serve_synthetic_checkpoint(tmp_path, capsys):
     # The synthetic checkpoint is the one `bench e2e` writes (here from the tiny preset), reused from --workdir.
     argv = ["bench", "serve", "--synthetic", "--synthetic-config", "tiny", "--workdir", str(tmp_path), "--clients",
             "1", "--requests", "1", "--prompt-tokens", "3", "--new-tokens", "2", "--threads", "1"]
     assert main(argv) == 0
     assert "writing synthetic checkpoint" in capsys.readouterr().out
     assert list(tmp_path.glob("synthetic-tiny-2layers-seed0/config.json"))
+
+
+def test_bench_serve_errors(capsys):
     for bad, message in ((["--new-tokens", "1"], "--new-tokens must be at least 2"),
                          (["--clients", "0"], "--clients: values must be positive"),
                          (["--synthetic", "--model", "tiny"], "leave out --model")):

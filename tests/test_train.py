@@ -22,8 +22,9 @@ from mixtral.config import PRESETS
 from mixtral.data.shards import FORMAT, VERSION
 from mixtral.errors import ConfigError
 from mixtral.train.config import dense_baseline, load_config
-from mixtral.train.trainer import (DivergedError, checkpoints, latest_checkpoint, learning_rate, read_metrics,
-                                   train)
+from mixtral.train.checkpoints import checkpoints, latest_checkpoint
+from mixtral.train.metrics import read_metrics
+from mixtral.train.trainer import DivergedError, learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -274,7 +275,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     assert found[-1][0] == failed - 1  # the last finite step's checkpoint, nothing after it
     assert str(found[-1][1]) in str(info.value)
     mixtral.load(found[-1][1], progress=False)  # intact
-    assert not list((tmp_path / "nan" / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "nan" / "checkpoints").glob(".*.tmp"))
 
 
 def test_existing_run_needs_resume_and_the_same_config(tmp_path, corpus):
@@ -294,6 +295,7 @@ def _train_process(config: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, corpus):
     steps = 120
     extra = "[router]\njitter = 0.01\n"  # the torch RNG is part of the state too
@@ -345,21 +347,3 @@ def test_cli_train_runs(tmp_path, corpus, capsys):
     assert main(["train", str(path), "--train.steps", "4", "--eval.every", "0"]) == 0
     assert "done: step 4" in capsys.readouterr().out
     assert [s for s, _ in checkpoints(tmp_path / "out")] == [4]
-
-
-def test_train_throughput_benchmark_runs(tmp_path):
-    pytest.importorskip("transformers")
-    out = tmp_path / "rows.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--dim", "32",
-                             "--layers", "1", "--hidden", "48", "--heads", "4", "--vocab", "64", "--batch", "2",
-                             "--seq", "16", "--rounds", "1", "--steps", "1", "--warmup", "1", "--threads", "1",
-                             "--json", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "python benchmarks/train_throughput.py --dim 32" in result.stdout
-    rows = json.loads(out.read_text())["rows"]
-    expected = {(d, i) for d in ("fp32", "bf16") for i in ("ours", "transformers")}
-    assert {(r["dtype"], r["impl"]) for r in rows} == expected
-    fp32 = {r["impl"]: r["first_loss"] for r in rows if r["dtype"] == "fp32"}
-    # Same model, same batch: the losses differ only by ours' z-loss term (0.001 x about log(8)^2).
-    assert abs(fp32["ours"] - fp32["transformers"]) < 0.01

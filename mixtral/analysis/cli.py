@@ -1,14 +1,13 @@
 """`mixtral routes record | report | html | ablate`: registered on the `mixtral` command by `add_routes_parser`.
 
-The model and tokenizer options (and how a model is loaded) are the main command's, so `--model` means the same
-everywhere; they are imported from `mixtral.cli` when the parser is built, which is when that module has loaded.
+The model options are the parent parsers the main command passes in (so `--model`, `--tokenizer`, `--dtype` mean
+the same everywhere), and a model loads through `mixtral.io.loading.load_model_and_tokenizer` as for `generate`.
+One difference: --dtype defaults to float32 here (`RUN_DTYPE`), not to the checkpoint's own.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -16,8 +15,15 @@ import numpy as np
 import torch
 
 from mixtral.errors import InputError
+from mixtral.io.files import write_text
+from mixtral.io.loading import load_model_and_tokenizer, load_tokenizer
+from mixtral.io.tokenizer import Tokenizer
+from mixtral.model import Transformer
 
-log = logging.getLogger("mixtral")
+# What record and ablate run the model in unless --dtype says otherwise: the routes of the exact model, not of its
+# rounding to a checkpoint's bfloat16.
+RUN_DTYPE = "float32"
+RUN_DTYPE_NOTE = f"Here --dtype defaults to {RUN_DTYPE}, not to the checkpoint's own."
 
 ROUTES_EPILOG = """\
 examples:
@@ -30,24 +36,18 @@ examples:
 """
 
 
-def add_routes_parser(subparsers, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    """Register `routes` (record, report, html, ablate) on the subparsers of the `mixtral` command."""
-    from mixtral.cli import add_model_option
-
+def add_routes_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register `routes` (record, report, html, ablate) on the subparsers of the `mixtral` command; `parents` as
+    `mixtral.cli.shared_parents` makes them."""
     raw = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser("routes", parents=parents, formatter_class=raw, epilog=ROUTES_EPILOG,
+    verbose = [parents["verbose"]]
+    with_model = [parents["verbose"], parents["model"], parents["weights"]]
+    p = subparsers.add_parser("routes", parents=verbose, formatter_class=raw, epilog=ROUTES_EPILOG,
                               help="record and analyse expert routing (the paper's section 5, offloading)",
                               description="Record which experts the routers choose on text, and report expert "
                                           "distribution per domain, temporal locality, expert-cache hit rates, "
                                           "next-layer prediction, ablations and token colouring.")
     commands = p.add_subparsers(dest="routes", required=True, metavar="ACTION")
-
-    def model_options(q: argparse.ArgumentParser) -> None:
-        add_model_option(q)
-        q.add_argument("--tokenizer", metavar="PATH_OR_PRESET", help="tokenizer (default: the model's own, else "
-                                                                      "the Mixtral tokenizer)")
-        q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                       help="dtype to run the model in (default: float32, the routes of the exact model)")
 
     def text_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--corpus", metavar="DIR", help="a prepared corpus (mixtral data prepare): its validation "
@@ -59,12 +59,11 @@ def add_routes_parser(subparsers, parents: list[argparse.ArgumentParser]) -> arg
         q.add_argument("--seq-len", type=int, default=512, metavar="T",
                        help="tokens per sequence; longer documents are cut (default: 512)")
 
-    q = commands.add_parser("record", parents=parents, formatter_class=raw, epilog=ROUTES_EPILOG,
+    q = commands.add_parser("record", parents=with_model, formatter_class=raw, epilog=ROUTES_EPILOG,
                             help="run a model over text and save its routes (.npz)",
                             description="Run the model over text of several domains and save, per layer and "
                                         "token, the top-k experts, their gate weights and the next-layer "
-                                        "predictions, with token ids, positions and domains.")
-    model_options(q)
+                                        f"predictions, with token ids, positions and domains. {RUN_DTYPE_NOTE}")
     text_options(q)
     q.add_argument("--out", "-o", default="routes.npz", help="output file (default: routes.npz)")
     q.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
@@ -78,7 +77,7 @@ def add_routes_parser(subparsers, parents: list[argparse.ArgumentParser]) -> arg
     q.add_argument("--seed", type=int, default=0, help="sampling seed with --generate (default: 0)")
     q.set_defaults(run=cmd_record)
 
-    q = commands.add_parser("report", parents=parents, formatter_class=raw, epilog=ROUTES_EPILOG,
+    q = commands.add_parser("report", parents=verbose, formatter_class=raw, epilog=ROUTES_EPILOG,
                             help="statistics, plots and tables from recorded routes",
                             description="Write report.json (per-layer first_choice_repeat, top2_repeat, expert "
                                         "shares, LRU hit rates, prediction recall, prefetch, token consistency, "
@@ -88,7 +87,7 @@ def add_routes_parser(subparsers, parents: list[argparse.ArgumentParser]) -> arg
     q.add_argument("--ablation", metavar="FILE", help="an ablation JSON (mixtral routes ablate) to include")
     q.set_defaults(run=cmd_report)
 
-    q = commands.add_parser("html", parents=parents, formatter_class=raw, epilog=ROUTES_EPILOG,
+    q = commands.add_parser("html", parents=verbose, formatter_class=raw, epilog=ROUTES_EPILOG,
                             help="a page of text coloured by each token's first-choice expert",
                             description="Write a self-contained HTML page showing text with each token coloured "
                                         "by its first-choice expert at the chosen layers (paper Figure 9).")
@@ -101,11 +100,10 @@ def add_routes_parser(subparsers, parents: list[argparse.ArgumentParser]) -> arg
                    help="tokenizer to turn ids into text (default: the recorded model's, else Mixtral's)")
     q.set_defaults(run=cmd_html)
 
-    q = commands.add_parser("ablate", parents=parents, formatter_class=raw, epilog=ROUTES_EPILOG,
+    q = commands.add_parser("ablate", parents=with_model, formatter_class=raw, epilog=ROUTES_EPILOG,
                             help="held-out loss per domain with each expert removed in turn",
                             description="For each layer and expert, mask that expert's router logit and measure "
-                                        "the held-out loss per domain; writes a JSON file.")
-    model_options(q)
+                                        f"the held-out loss per domain; writes a JSON file. {RUN_DTYPE_NOTE}")
     text_options(q)
     q.set_defaults(tokens_per_domain=4096, seq_len=256)
     q.add_argument("--layers", help="comma-separated layers (default: all)")
@@ -155,11 +153,10 @@ def domain_sequences(args: argparse.Namespace, tokenizer) -> tuple[list[list[int
     return sequences, domains, names
 
 
-def _load(args: argparse.Namespace):
-    from mixtral.cli import load_model_and_tokenizer
-
-    args.quantize = getattr(args, "quantize", None)
-    model, tokenizer = load_model_and_tokenizer(args)
+def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
+    args.dtype = args.dtype or RUN_DTYPE  # recorded in the routes' meta as the dtype the model ran in
+    model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                                                quantize=args.quantize, progress=sys.stderr.isatty())
     return model.eval(), tokenizer
 
 
@@ -177,11 +174,9 @@ def _layers(spec: str | None, n_layers: int) -> list[int] | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write `text` beside `path` and rename it into place (creating the directory)."""
+    """Write `text` to `path` atomically, creating its directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 # ---- the commands ----------------------------------------------------------------------------------------------
@@ -236,7 +231,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_html(args: argparse.Namespace) -> int:
     from mixtral.analysis.html import routes_html, token_pieces
     from mixtral.analysis.routes import Routes
-    from mixtral.io.loading import load_tokenizer
 
     routes = Routes.load(args.routes_file)
     tokenizer = load_tokenizer(args.tokenizer or routes.meta.get("tokenizer"))

@@ -13,7 +13,6 @@ markdown summary.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from mixtral.analysis import stats
 from mixtral.analysis.routes import Routes
+from mixtral.io.files import atomic_path, write_json
 
 # The paper's Table 5 (Mixtral 8x7B on The Pile): ranges over its domains, in percent.
 PAPER_TABLE5 = {0: {"first": (13.6, 14.9), "topk": (44.9, 49.9)},
@@ -106,9 +106,8 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -307,9 +306,7 @@ def write_report(routes: Routes, out: str | os.PathLike, ablation: dict | None =
     result = analyse(routes)
     if ablation:
         result["ablation"] = _clean(ablation)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "report.json")
+    write_json(out / "report.json", result, indent=1)
     plot_distribution(result, out / "expert_distribution.png")
     plot_locality(result, out / "locality.png")
     plot_lru(result, out / "lru.png")

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from mixtral.errors import InputError
+from mixtral.io.files import atomic_open
 from mixtral.model import Transformer
 from mixtral.moe import route
 
@@ -67,8 +67,7 @@ class Routes:
         return {d: self.select(self.domain == i) for i, d in enumerate(self.domains) if (self.domain == i).any()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """One compressed .npz, written beside `path` and renamed into place."""
-        path = Path(path)
+        """One compressed .npz, written atomically."""
         header = {"format": FORMAT, "version": VERSION, "domains": self.domains, "n_experts": self.n_experts,
                   "predicted": sorted(self.predicted), "meta": self.meta}
         arrays = {"tokens": self.tokens.astype(np.int32), "positions": self.positions.astype(np.int32),
@@ -78,9 +77,8 @@ class Routes:
                   **{f"predicted_{k}": v.astype(np.int8 if self.n_experts <= 127 else np.int16)
                      for k, v in self.predicted.items()},
                   "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:  # a file object: numpy adds ".npz" to a path without it
+            np.savez_compressed(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Routes":

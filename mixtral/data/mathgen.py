@@ -5,22 +5,20 @@ generated: a few modules of the original (arithmetic, algebra, polynomials, calc
 measurement) with their question wordings, expressions written as Python reads them (`3*x**2 - 4`), and answers
 computed exactly (integers and `fractions.Fraction`, never floats). A seed fixes the whole stream.
 
-    python -m mixtral.data.mathgen --seed 0 --documents 3 --problems 4
+    mixtral data math --seed 0 --documents 3 --problems 4
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 from mixtral.errors import InputError
+from mixtral.io.files import atomic_open
 
 VARIABLES = "abcdfghjklmnpqrstuvwxyz"  # no e (Euler), i (imaginary), o (looks like 0)
 
@@ -390,37 +388,12 @@ def write_jsonl(path: str | os.PathLike, seed: int, *, max_bytes: int | None = N
     """
     if max_bytes is None and max_documents is None:
         raise InputError("write_jsonl needs max_bytes or max_documents")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = size = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         for text in documents(seed, problems_per_document):
             if (max_documents is not None and count >= max_documents) or (max_bytes is not None and size >= max_bytes):
                 break
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
             count += 1
             size += len(text.encode("utf-8"))
-    os.replace(tmp, path)
     return count, size
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixtral.data.mathgen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the whole stream (default: 0)")
-    parser.add_argument("--documents", type=int, default=1, help="documents to print or write (default: 1)")
-    parser.add_argument("--problems", type=int, default=20, help="problems per document (default: 20)")
-    parser.add_argument("--jsonl", metavar="PATH", help="write JSONL to PATH instead of printing text")
-    args = parser.parse_args(argv)
-    if args.jsonl:
-        count, size = write_jsonl(args.jsonl, args.seed, max_documents=args.documents,
-                                  problems_per_document=args.problems)
-        print(f"wrote {count} documents ({size} bytes) to {args.jsonl}")
-        return 0
-    for i, text in zip(range(args.documents), documents(args.seed, args.problems)):
-        sys.stdout.write(("\n" if i else "") + text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

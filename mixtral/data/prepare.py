@@ -14,15 +14,12 @@ and appends to the shards. Output goes to a temporary directory renamed into pla
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import hashlib
 import json
 import os
 import re
-import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ from tqdm import tqdm
 
 from mixtral.data.shards import DTYPES, FORMAT, MANIFEST, SPLITS, VERSION
 from mixtral.errors import InputError
+from mixtral.io.files import atomic_directory
 from mixtral.io.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_VAL_FRACTION = 0.01
@@ -222,33 +220,33 @@ def prepare(sources: Sequence[Source], out: str | os.PathLike, tokenizer: Tokeni
 
     # Pass 2: tokenize into a temporary directory beside `out`, then rename it into place.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     shards: dict[tuple[str, str], BinaryIO] = {}
     by_source = [_new_counts() for _ in sources]
     by_domain = {d: _new_counts() for d in sorted({s.domain for s in sources})}
     by_split: dict[str, dict[str, dict[str, int]]] = {s: {} for s in SPLITS}
-    try:
-        for split in SPLITS:
-            (tmp / split).mkdir(parents=True)
-        bar = tqdm(total=total_bytes, desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
-        for doc in iter_documents(sources, files, text_field):
-            domain = sources[doc.source].domain
-            is_val = (split_hash(split_seed, doc.key, doc.index) < val_fraction
-                      or (doc.source, doc.key, doc.index) in fallback)
-            split = "val" if is_val else "train"
-            ids = np.asarray(tok.encode(doc.text, bos=True, eos=True), dtype=dtype)
-            if (split, domain) not in shards:
-                shards[split, domain] = open(tmp / split / f"{domain}.bin", "wb")
-            ids.tofile(shards[split, domain])
-            nbytes = len(doc.text.encode("utf-8"))
-            for counts in (by_source[doc.source], by_domain[domain],
-                           by_split[split].setdefault(domain, _new_counts())):
-                _add(counts, nbytes, len(ids))
-            bar.update(nbytes)
-        bar.close()
-        for f in shards.values():
-            f.close()
+    with atomic_directory(out) as tmp:
+        try:
+            for split in SPLITS:
+                (tmp / split).mkdir(parents=True)
+            bar = tqdm(total=total_bytes, desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
+            for doc in iter_documents(sources, files, text_field):
+                domain = sources[doc.source].domain
+                is_val = (split_hash(split_seed, doc.key, doc.index) < val_fraction
+                          or (doc.source, doc.key, doc.index) in fallback)
+                split = "val" if is_val else "train"
+                ids = np.asarray(tok.encode(doc.text, bos=True, eos=True), dtype=dtype)
+                if (split, domain) not in shards:
+                    shards[split, domain] = open(tmp / split / f"{domain}.bin", "wb")
+                ids.tofile(shards[split, domain])
+                nbytes = len(doc.text.encode("utf-8"))
+                for counts in (by_source[doc.source], by_domain[domain],
+                               by_split[split].setdefault(domain, _new_counts())):
+                    _add(counts, nbytes, len(ids))
+                bar.update(nbytes)
+            bar.close()
+        finally:
+            for f in shards.values():
+                f.close()
         manifest = {
             "format": FORMAT, "version": VERSION, "dtype": dtype_name,
             "tokenizer": {"path": str(tok.path), "n_words": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
@@ -261,76 +259,7 @@ def prepare(sources: Sequence[Source], out: str | os.PathLike, tokenizer: Tokeni
             "totals": {k: sum(c[k] for c in by_domain.values()) for k in ("documents", "bytes", "tokens")},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out)
-    finally:
-        for f in shards.values():
-            f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
-
-
-# ---- the command line ------------------------------------------------------------------------------------------
-
-PREPARE_EPILOG = """\
-Each --source is DOMAIN=GLOB (quote the glob so the shell leaves it alone; ** matches any depth). Every file is
-one document, except .jsonl files, where each line is a JSON object and its --text-field one document. Output:
-DIR/manifest.json, DIR/train/<domain>.bin and DIR/val/<domain>.bin (flat uint16 token streams, each document
-BOS + tokens + EOS).
-
-examples:
-  mixtral data prepare --source en='docs/**/*.txt' --source code='lib/**/*.py' --out data/mine
-  mixtral data prepare --source chat=dialogues.jsonl --text-field content --val-fraction 0.05 --out data/chat
-  python scripts/build_corpus.py        # the corpus of the default model (docs/corpus.md)
-"""
-
-
-def add_data_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `data` (with `prepare` under it) on the subparsers of the `mixtral` command."""
-    raw = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser("data", help="prepare training data: text files -> token shards",
-                              description="Turn text into the token shards the trainer reads.",
-                              formatter_class=raw,
-                              epilog="examples:\n  mixtral data prepare --source en='docs/**/*.md' --out data/en\n"
-                                     "Run 'mixtral data prepare --help' for the options.")
-    commands = p.add_subparsers(dest="data", required=True, metavar="ACTION")
-    q = commands.add_parser("prepare", formatter_class=raw, epilog=PREPARE_EPILOG,
-                            help="tokenize text, markdown, code and JSONL files into token shards per domain",
-                            description="Tokenize documents into memory-mapped token shards, one stream per domain, "
-                                        "with a deterministic train/validation split and a manifest.")
-    q.add_argument("--source", "-s", action="append", required=True, metavar="DOMAIN=GLOB",
-                   help="files of one domain (repeatable; a domain may have several sources)")
-    q.add_argument("--out", "-o", required=True, metavar="DIR", help="directory to write the shards to")
-    q.add_argument("--tokenizer", metavar="PATH_OR_PRESET",
-                   help="tokenizer file, directory or preset (default: the Mixtral tokenizer from mistral-common)")
-    q.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, metavar="F",
-                   help=f"share of documents held out for validation, chosen by a hash of path and line "
-                        f"(default: {DEFAULT_VAL_FRACTION})")
-    q.add_argument("--split-seed", type=int, default=0, help="salt of that hash, for another split (default: 0)")
-    q.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
-                   help=f"field of each JSONL object holding the text (default: {DEFAULT_TEXT_FIELD})")
-    q.add_argument("--force", "-f", action="store_true", help="replace a corpus already prepared in DIR")
-    q.set_defaults(run=cmd_prepare)
-    return p
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    sources = [Source.parse(spec) for spec in args.source]
-    manifest = prepare(sources, args.out, args.tokenizer, val_fraction=args.val_fraction,
-                       split_seed=args.split_seed, text_field=args.text_field, force=args.force,
-                       progress=sys.stderr.isatty())
-    print(format_summary(manifest))
-    print(f"wrote {args.out}")
-    return 0
 
 
 def format_summary(manifest: dict) -> str:

@@ -1,46 +1,55 @@
-"""Checkpoints on disk: Hugging Face and Mistral-native layouts, read lazily and written atomically.
+"""Checkpoints on disk: Hugging Face and Mistral-native layouts, read lazily and written atomically; the
+safetensors reader and writer that the quantized format (`mixtral.io.quantized`) uses too.
 
-Layouts read (PITFALLS 10):
+Layouts read (the key maps are in `mixtral.io.layouts`):
 - Hugging Face: config.json + model.safetensors, or sharded model-0000i-of-0000N.safetensors with
-  model.safetensors.index.json (pytorch_model*.bin too, with weights_only=True). Mixtral experts as
-  `block_sparse_moe.experts.E.w1/w2/w3` (the released repos) or transformers 5's fused in-memory names
-  `mlp.experts.gate_up_proj/down_proj`; Mistral (dense) as `mlp.gate_proj/up_proj/down_proj`.
-- Mistral native: params.json + consolidated.safetensors (or consolidated*.pth, unpickled with weights_only=True),
-  experts as `feed_forward.experts.E.w1/...`, and the December 2023 release's stacked `block_sparse_moe.w1/w2/w3`
-  of shape [E * hidden, dim] whose w2 blocks are transposed. Native wq/wk rotate interleaved pairs; they are
-  permuted here into the rotate-half order of the HF layout, which is the one the model uses.
+  model.safetensors.index.json (pytorch_model*.bin too, with weights_only=True).
+- Mistral native: params.json + consolidated.safetensors (or consolidated*.pth, unpickled with weights_only=True).
+The layouts are told apart by the config file, their variants (fused or stacked experts) by the keys.
 
 Memory: safetensors files are read tensor by tensor straight into the model's preallocated parameters with
 plain reads. A memory map would count every page it touched towards the process's RSS until it is closed, so
 loading one big file through a map peaks at twice the weights; reading into place peaks at the weights plus
-one tensor (plus one tensor when a dtype conversion or permutation needs a staging copy).
+one tensor (plus one tensor when a dtype conversion or permutation needs a staging copy). Saving streams too:
+the weights plus one tensor in the file's dtype.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from mixtral import kernels
-from mixtral.config import (ModelConfig, from_hf_dict, from_params_dict, read_json, to_hf_dict,
+from mixtral.config import (ModelConfig, dtype_name, from_hf_dict, from_params_dict, read_json, to_hf_dict,
                             to_params_dict)
 from mixtral.errors import CheckpointError
-from mixtral.model import Transformer
+from mixtral.io.files import atomic_open, write_json
+from mixtral.io.layouts import Target, choose_layout, hf_layout, native_layout, permute_to_interleaved
+from mixtral.model import Transformer, empty_model
 
-_SAFETENSORS_DTYPES = {
+# The dtype names of the safetensors format (each header entry's "dtype"). safetensors keeps its own table
+# private, so this is the one table both the reader and the writer use.
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 # ---- reading tensors -------------------------------------------------------------------------------------------
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as bytes, to write out or read into (any dtype: numpy has no bf16)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
 
 class SafetensorsReader:
     """Reads tensors of one .safetensors file on demand, checking the header against the file's size."""
@@ -70,7 +79,7 @@ class SafetensorsReader:
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: safetensors header is not a JSON object")
         for name, info in header.items():
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
             try:
@@ -98,8 +107,7 @@ class SafetensorsReader:
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         self._file.seek(self._data_start + start)
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
-        if self._file.readinto(view) != end - start:
+        if self._file.readinto(_bytes_of(out)) != end - start:
             raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
         return out
 
@@ -140,98 +148,50 @@ def _open(path: Path) -> SafetensorsReader | TorchFileReader:
     return SafetensorsReader(path) if path.suffix == ".safetensors" else TorchFileReader(path)
 
 
-# ---- the layouts -----------------------------------------------------------------------------------------------
+# ---- writing tensors -------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Target:
-    """Where a checkpoint tensor goes: parameter `param`, at `index` within it, after `transform`."""
-    param: str
-    index: tuple = ()
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    transposed: bool = False  # the file holds the transpose of the destination
+class TensorPlan(NamedTuple):
+    """One tensor of a file to write: its name, shape and dtype in the file, and `make()`, which returns it (in
+    any dtype and on any device: it is converted) only when its bytes are written."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
 
-
-def permute_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Native wq/wk (rotary pairs interleaved, 2i and 2i+1) -> HF order (pairs i and i + head_dim/2)."""
-    out_dim, dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def permute_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `permute_to_rotate_half`: HF order -> native order."""
-    out_dim, dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, dim).transpose(1, 2).reshape(out_dim, dim)
+def write_safetensors(path: str | os.PathLike, tensors: Iterable[TensorPlan],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file (readable by the safetensors library and transformers) one tensor at a time.
 
-
-def hf_layout(config: ModelConfig, fused_experts: bool = False) -> dict[str, Target]:
-    """Checkpoint key -> Target for the Hugging Face layout (the one `save_hf` writes)."""
-    h = config.hidden_dim
-    keys = {"model.embed_tokens.weight": Target("tok_embeddings.weight"),
-            "model.norm.weight": Target("norm.weight")}
-    if not config.tie_embeddings:
-        keys["lm_head.weight"] = Target("output.weight")
-    for i in range(config.n_layers):
-        p, ours = f"model.layers.{i}", f"layers.{i}"
-        keys[f"{p}.input_layernorm.weight"] = Target(f"{ours}.attention_norm.weight")
-        keys[f"{p}.post_attention_layernorm.weight"] = Target(f"{ours}.ffn_norm.weight")
-        for hf_name, name in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
-            keys[f"{p}.self_attn.{hf_name}.weight"] = Target(f"{ours}.attention.{name}.weight")
-        if not config.is_moe:
-            keys[f"{p}.mlp.gate_proj.weight"] = Target(f"{ours}.moe.w13", (0, slice(0, h)))
-            keys[f"{p}.mlp.up_proj.weight"] = Target(f"{ours}.moe.w13", (0, slice(h, 2 * h)))
-            keys[f"{p}.mlp.down_proj.weight"] = Target(f"{ours}.moe.w2", (0,))
-        elif fused_experts:
-            keys[f"{p}.mlp.gate.weight"] = Target(f"{ours}.moe.router.weight")
-            keys[f"{p}.mlp.experts.gate_up_proj"] = Target(f"{ours}.moe.w13")
-            keys[f"{p}.mlp.experts.down_proj"] = Target(f"{ours}.moe.w2")
-        else:
-            keys[f"{p}.block_sparse_moe.gate.weight"] = Target(f"{ours}.moe.router.weight")
-            for e in range(config.n_experts):
-                q = f"{p}.block_sparse_moe.experts.{e}"
-                keys[f"{q}.w1.weight"] = Target(f"{ours}.moe.w13", (e, slice(0, h)))
-                keys[f"{q}.w3.weight"] = Target(f"{ours}.moe.w13", (e, slice(h, 2 * h)))
-                keys[f"{q}.w2.weight"] = Target(f"{ours}.moe.w2", (e,))
-    return keys
-
-
-def native_layout(config: ModelConfig, stacked_experts: bool = False) -> dict[str, Target]:
-    """Checkpoint key -> Target for Mistral's native layout (`stacked_experts`: the December 2023 release)."""
-    h = config.hidden_dim
-    keys = {"tok_embeddings.weight": Target("tok_embeddings.weight"), "norm.weight": Target("norm.weight")}
-    if not config.tie_embeddings:
-        keys["output.weight"] = Target("output.weight")
-    q_perm = lambda w: permute_to_rotate_half(w, config.n_heads)  # noqa: E731
-    k_perm = lambda w: permute_to_rotate_half(w, config.n_kv_heads)  # noqa: E731
-    for i in range(config.n_layers):
-        p = f"layers.{i}"
-        keys[f"{p}.attention_norm.weight"] = Target(f"{p}.attention_norm.weight")
-        keys[f"{p}.ffn_norm.weight"] = Target(f"{p}.ffn_norm.weight")
-        keys[f"{p}.attention.wq.weight"] = Target(f"{p}.attention.wq.weight", transform=q_perm)
-        keys[f"{p}.attention.wk.weight"] = Target(f"{p}.attention.wk.weight", transform=k_perm)
-        keys[f"{p}.attention.wv.weight"] = Target(f"{p}.attention.wv.weight")
-        keys[f"{p}.attention.wo.weight"] = Target(f"{p}.attention.wo.weight")
-        if not config.is_moe:
-            keys[f"{p}.feed_forward.w1.weight"] = Target(f"{p}.moe.w13", (0, slice(0, h)))
-            keys[f"{p}.feed_forward.w3.weight"] = Target(f"{p}.moe.w13", (0, slice(h, 2 * h)))
-            keys[f"{p}.feed_forward.w2.weight"] = Target(f"{p}.moe.w2", (0,))
-        elif stacked_experts:
-            e, d = config.n_experts, config.dim
-            keys[f"{p}.block_sparse_moe.gate.weight"] = Target(f"{p}.moe.router.weight")
-            keys[f"{p}.block_sparse_moe.w1"] = Target(f"{p}.moe.w13", (slice(None), slice(0, h)),
-                                                      transform=lambda w: w.view(e, h, d))
-            keys[f"{p}.block_sparse_moe.w3"] = Target(f"{p}.moe.w13", (slice(None), slice(h, 2 * h)),
-                                                      transform=lambda w: w.view(e, h, d))
-            # Each expert's w2 block is stored as [hidden, dim], the transpose of the [dim, hidden] we keep.
-            keys[f"{p}.block_sparse_moe.w2"] = Target(f"{p}.moe.w2", transform=lambda w: w.view(e, h, d).transpose(1, 2),
-                                                      transposed=True)
-        else:
-            keys[f"{p}.feed_forward.gate.weight"] = Target(f"{p}.moe.router.weight")
-            for e in range(config.n_experts):
-                q = f"{p}.feed_forward.experts.{e}"
-                keys[f"{q}.w1.weight"] = Target(f"{p}.moe.w13", (e, slice(0, h)))
-                keys[f"{q}.w3.weight"] = Target(f"{p}.moe.w13", (e, slice(h, 2 * h)))
-                keys[f"{q}.w2.weight"] = Target(f"{p}.moe.w2", (e,))
-    return keys
+    The header is built from the plans; then each tensor is made, converted to its dtype and written, so only one
+    made tensor is in memory at a time (saving a 93 GB model needs no second copy of it). Each tensor's own bytes
+    are written, so views sharing storage (w1 and w3, the halves of one w13) are fine. The tensors are laid out
+    from the widest dtype to the narrowest, as safetensors' own writer does, so each starts aligned to its
+    element size. Written atomically (`mixtral.io.files.atomic_open`): after an exception neither a new file nor
+    a temporary one is left, and an existing file is kept as it was. Raises AssertionError when a made tensor's
+    shape is not its plan's.
+    """
+    plans = sorted(tensors, key=lambda plan: -plan.dtype.itemsize)  # stable: the given order within a width
+    header: dict[str, dict] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for plan in plans:
+        header[plan.name] = {"dtype": _DTYPE_NAMES[plan.dtype], "shape": list(plan.shape),
+                             "data_offsets": [offset, offset + plan.nbytes]}
+        offset += plan.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with atomic_open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, shape, dtype, make in plans:
+            tensor = make().detach().to("cpu", dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise AssertionError(f"{name}: made shape {list(tensor.shape)}, planned {list(shape)}")
+            f.write(_bytes_of(tensor))
 
 
 # ---- finding the files -----------------------------------------------------------------------------------------
@@ -281,13 +241,6 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
-def _choose_layout(files: CheckpointFiles, keys: set[str]) -> dict[str, Target]:
-    config = files.config
-    if files.native:
-        return native_layout(config, stacked_experts="layers.0.block_sparse_moe.w1" in keys)
-    return hf_layout(config, fused_experts="model.layers.0.mlp.experts.gate_up_proj" in keys)
-
-
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
@@ -307,7 +260,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         for reader in readers:
             for key in reader.keys():
                 where[key] = reader
-        layout = _choose_layout(files, set(where))
+        layout = choose_layout(files.config, files.native, set(where))
         ignored = {"lm_head.weight", "output.weight"} if files.config.tie_embeddings else set()
         unexpected = [k for k in where if k not in layout and k not in ignored and not _IGNORED.match(k)]
         if unexpected:
@@ -319,12 +272,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             raise CheckpointError(f"{files.directory}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
         if dtype is None:
             dtype = where[next(iter(layout))].dtype(next(iter(layout)))
-        with torch.device("meta"):
-            model = Transformer(files.config).to(dtype)
-        model = model.to_empty(device="cpu")  # allocates each parameter once, already in `dtype`
-        kernels.prefer_huge_pages(model)  # before the first write, which then faults in 2 MB pages
-        if files.config.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
+        model = empty_model(files.config, dtype)  # each parameter allocated once, already in `dtype`
         params = dict(model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for key, target in tqdm(layout.items(), desc=f"loading {files.directory.name}", unit="tensor",
@@ -337,7 +285,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
 
 def _load_one(reader, key: str, target: Target, param: torch.Tensor) -> None:
-    dest = param[target.index] if target.index else param
+    dest = target.select(param)
     file_shape = reader.shape(key)
     if target.transform is None:
         expected = tuple(dest.shape)
@@ -361,89 +309,61 @@ def _load_one(reader, key: str, target: Target, param: torch.Tensor) -> None:
 
 # ---- saving ----------------------------------------------------------------------------------------------------
 
-def _hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    config = model.config
+def _plans(model: Transformer, layout: dict[str, Target], dtype: torch.dtype, *,
+           interleaved_rotary: bool = False) -> list[TensorPlan]:
+    """The tensors of `layout` taken from `model`'s parameters, to write in `dtype`; `interleaved_rotary`: wq and
+    wk permuted back to the native layout's interleaved rotary pairs."""
     params = dict(model.named_parameters())
-    fused = False
-    for key, target in hf_layout(config, fused).items():
-        yield key, params[target.param][target.index] if target.index else params[target.param]
-
-
-def _native_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    config = model.config
-    params = dict(model.named_parameters())
-    for key, target in native_layout(config).items():
-        tensor = params[target.param][target.index] if target.index else params[target.param]
-        if key.endswith("attention.wq.weight"):
-            tensor = permute_to_interleaved(tensor, config.n_heads)
-        elif key.endswith("attention.wk.weight"):
-            tensor = permute_to_interleaved(tensor, config.n_kv_heads)
-        yield key, tensor
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    # Clone: safetensors refuses views that share storage (w1 and w3 are halves of one w13).
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
-    os.replace(tmp, path)
+    heads = {"attention.wq.weight": model.config.n_heads, "attention.wk.weight": model.config.n_kv_heads}
+    plans = []
+    for key, target in layout.items():
+        tensor = target.select(params[target.param])
+        n_heads = heads.get(key.split(".", 2)[-1]) if interleaved_rotary else None
+        make = partial(permute_to_interleaved, tensor, n_heads) if n_heads else (lambda t=tensor: t)
+        plans.append(TensorPlan(key, tuple(tensor.shape), dtype, make))
+    return plans
 
 
 def save_hf(model: Transformer, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
             max_shard_bytes: int = 2 * 1024 ** 3) -> Path:
-    """Write `model` in the Hugging Face layout that transformers' MixtralForCausalLM/MistralForCausalLM load.
+    """Write `model` in the Hugging Face layout that transformers' MixtralForCausalLM/MistralForCausalLM load, in
+    `dtype` (default: the model's). Returns the directory.
 
     Each file is written to a temporary name and renamed into place. Shards of at most `max_shard_bytes` with an
-    index when the weights are larger (memory while saving: the weights plus about one shard).
+    index when the weights are larger (memory while saving: the weights plus one tensor).
     """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.output.weight.dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in _hf_tensors(model):
-        nbytes = tensor.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    shards: list[list[TensorPlan]] = [[]]
+    size = total = 0
+    for plan in _plans(model, hf_layout(model.config), dtype):
+        if shards[-1] and size + plan.nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][key] = tensor.to(dtype)
-        size += nbytes
+        shards[-1].append(plan)
+        size += plan.nbytes
+        total += plan.nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
-    total = 0
     for name, shard in zip(names, tqdm(shards, desc="saving", unit="shard", leave=False, disable=len(shards) == 1)):
-        _write_safetensors_atomic(directory / name, shard, {"format": "pt"})
-        weight_map.update({key: name for key in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
+        write_safetensors(directory / name, shard)
+        weight_map.update({plan.name: name for plan in shard})
     if len(shards) > 1:
-        _write_json_atomic(directory / "model.safetensors.index.json",
-                           {"metadata": {"total_size": total}, "weight_map": weight_map})
-    dtype_name = str(dtype).removeprefix("torch.")
-    _write_json_atomic(directory / "config.json", to_hf_dict(model.config, dtype_name))
+        write_json(directory / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(directory / "config.json", to_hf_dict(model.config, dtype_name(dtype)))
     return directory
 
 
 def save_native(model: Transformer, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
-    """Write `model` in Mistral's native layout: params.json + consolidated.safetensors (wq/wk interleaved)."""
+    """Write `model` in Mistral's native layout: params.json + consolidated.safetensors (wq/wk interleaved), in
+    `dtype` (default: the model's). Returns the directory."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.output.weight.dtype
-    tensors = {key: tensor.to(dtype) for key, tensor in _native_tensors(model)}
-    _write_safetensors_atomic(directory / "consolidated.safetensors", tensors, {"format": "pt"})
-    _write_json_atomic(directory / "params.json", to_params_dict(model.config))
+    write_safetensors(directory / "consolidated.safetensors",
+                      _plans(model, native_layout(model.config), dtype, interleaved_rotary=True))
+    write_json(directory / "params.json", to_params_dict(model.config))
     return directory
-
-
-def is_checkpoint_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return p.is_dir() and ((p / "config.json").exists() or (p / "params.json").exists())
-
-

@@ -8,17 +8,52 @@
 // the expert's tokens are gathered from the layer's input, silu(gate) * up is computed from the accumulator
 // tiles straight into the tile layout of the down projection's B operand, and the output is added, weighted by
 // the gates, into the tokens' rows of the layer's output. Xeon of 2026-12-01, 128 rows each: the eight experts
-// in 178 ms against 254 (benchmarks/amx_experts.py, docs/performance.md).
+// in 178 ms against 254 (mixtral bench amx-experts, docs/performance.md).
 // Quantized experts (int8 per row, int4 group-wise) are expanded here too, a block of rows at a time straight
 // into A tiles, between their prefetch and their products: the layer reads their bytes, not bf16's. Eight int4
 // experts at 16 rows: 55 ms against 164 through their own kernels; at 128 rows about as fast as bf16.
 //
 // Layout of a B operand (the activations, [K, N]) for tdpbf16ps: tiles of 16 "rows" of k pairs x 16 columns x
 // 2 bf16, tile (nb, kb) at ((nb * KB) + kb) * 512 elements: B[kb*32 + 2r + j, nb*16 + c] at r*32 + c*2 + j.
-// Built only where the compiler targets AMX (-march=native on such a CPU); elsewhere `amx_request` says no.
+// The kernel is built only where the compiler targets AMX (-march=native on such a CPU); elsewhere `amx_request`
+// says no. The structs of its arguments and `amx_call_layout` are built on every CPU.
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+// A weight for the products: bf16 [rows, K]; int8 [rows, K] with a bf16 scale per row (q, scale); or int4 in
+// gemv.c's packing [rows, K/2] with bf16 scales and zeros [rows, K/group] (q, scale, zero, group). Quantized
+// weights are expanded a slab of a block's rows at a time, between their prefetch and their products (SLAB_TILES).
+typedef struct { const uint16_t *bf16; const void *q; const uint16_t *scale, *zero; int group; } weight;
+
+// The arguments of one `amx_swiglu` call (see there); mirrored by mixtral/kernels/amx.py's ctypes Structures,
+// which `amx_call_layout` lets it check.
+typedef struct {
+    const uint16_t *x; const int64_t *rows; const float *scale;  // the tokens and their gates
+    int n, N, dim, H;
+    float *out, *partial1, *partial2;
+    uint16_t *bp1, *bp2;
+    int kc1, kc2, threads;
+    weight w13, w2;
+} amx_call;
+
+// sizeof(weight), offsetof each of its fields, sizeof(amx_call), offsetof each of its fields, in declaration
+// order, into out[0..capacity); returns how many there are. Built on every CPU, so that the layout Python
+// assumes is checked everywhere, not only where the kernel can run.
+int amx_call_layout(int64_t *out, int capacity) {
+    const int64_t layout[] = {
+        sizeof(weight), offsetof(weight, bf16), offsetof(weight, q), offsetof(weight, scale),
+        offsetof(weight, zero), offsetof(weight, group),
+        sizeof(amx_call), offsetof(amx_call, x), offsetof(amx_call, rows), offsetof(amx_call, scale),
+        offsetof(amx_call, n), offsetof(amx_call, N), offsetof(amx_call, dim), offsetof(amx_call, H),
+        offsetof(amx_call, out), offsetof(amx_call, partial1), offsetof(amx_call, partial2),
+        offsetof(amx_call, bp1), offsetof(amx_call, bp2), offsetof(amx_call, kc1), offsetof(amx_call, kc2),
+        offsetof(amx_call, threads), offsetof(amx_call, w13), offsetof(amx_call, w2)};
+    int count = (int)(sizeof layout / sizeof layout[0]);
+    for (int i = 0; i < count && i < capacity; i++) out[i] = layout[i];
+    return count;
+}
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -127,11 +162,6 @@ static inline void prefetch_share(const char *base, long ld, int rows, long byte
 void dequant_int8_tiles(const int8_t *Q, long ldq, const uint16_t *S, int K, uint16_t *out);
 void dequant_int4_tiles(const uint8_t *Q, long ldq, const uint16_t *S, const uint16_t *Z, long lds, int K, int G,
                         uint16_t *out);
-
-// A weight for the products: bf16 [rows, K]; int8 [rows, K] with a bf16 scale per row (q, scale); or int4 in
-// gemv.c's packing [rows, K/2] with bf16 scales and zeros [rows, K/group] (q, scale, zero, group). Quantized
-// weights are expanded a slab of a block's rows at a time, between their prefetch and their products (SLAB_TILES).
-typedef struct { const uint16_t *bf16; const void *q; const uint16_t *scale, *zero; int group; } weight;
 
 // Bytes of 32 consecutive weights of a row as stored.
 static inline long tile_bytes(const weight *w) { return w->zero ? 16 : w->q ? 32 : 64; }
@@ -276,7 +306,7 @@ static inline __attribute__((always_inline)) void block_pass(
 // stay in L1, and the block's passes over all its columns multiply each slab before the next is expanded; with
 // several passes the block's partial sums wait in `held` ([32, N] floats) between slabs. Expanding a whole chunk
 // into L2 first and multiplying it after, the tile loads waited on L2 behind the prefetches of the next block.
-// Eight int4 experts, Xeon of 2026-12-01 (benchmarks/amx_experts.py): 16 rows 53-56 ms against 75, 64 rows
+// Eight int4 experts, Xeon of 2026-12-01 (mixtral bench amx-experts): 16 rows 53-56 ms against 75, 64 rows
 // 93-98 against 118, 128 rows 158-168 against 167-191; slabs of 16 tiles lose most of it (67, 126, 190). bf16
 // weights copied into slabs the same way were slower than read in place (128 rows: 249 ms against 178): the
 // copy waits on memory where the tile loads had waited on the prefetched lines.
@@ -379,21 +409,17 @@ static void tile_product(const weight *w, int K, long step, long pair, int block
 // rounded up to 16. Scratch: bp1 dim*N and bp2 H*N bf16; partial1 2H*N and partial2 dim*N float32, needed only
 // when dim (kc1) or H (kc2) takes more than one chunk. dim % 32 == 0, H % 32 == 0. Each row of `rows` must
 // differ (a token reaches an expert once): threads split the output by dim, not by token.
-// Each weight is given as (bf16, q, scale, zero, group), see `weight`: bf16 alone, or int8, or int4; an int4
-// weight's chunks (kc1, kc2 tiles) are whole groups.
-void amx_swiglu(const uint16_t *x, const int64_t *rows, const float *scale, int n, int N, int dim, int H,
-                float *out, float *partial1, float *partial2, uint16_t *bp1, uint16_t *bp2, int kc1, int kc2,
-                int threads, const uint16_t *w13, const void *q13, const uint16_t *s13, const uint16_t *z13,
-                int g13, const uint16_t *w2, const void *q2, const uint16_t *s2, const uint16_t *z2, int g2) {
-    finish to_hidden = {1, bp2, H, 0, NULL, NULL, NULL, 0};
-    finish to_output = {0, NULL, 0, n, rows, scale, out, dim};
-    weight gate_up = {w13, q13, s13, z13, g13}, down = {w2, q2, s2, z2, g2};
-    #pragma omp parallel num_threads(threads)
+// Each weight is a `weight`: bf16 alone, or int8, or int4; an int4 weight's chunks (kc1, kc2 tiles) are whole
+// groups.
+void amx_swiglu(const amx_call *c) {
+    finish to_hidden = {1, c->bp2, c->H, 0, NULL, NULL, NULL, 0};
+    finish to_output = {0, NULL, 0, c->n, c->rows, c->scale, c->out, c->dim};
+    #pragma omp parallel num_threads(c->threads)
     {
         configure_tiles();
-        pack_rows(x, rows, n, dim, N, bp1);  // ends in a barrier, as every omp for here
-        tile_product(&gate_up, dim, 16, H, H / 16, bp1, N, kc1, partial1, &to_hidden);
-        tile_product(&down, H, 32, 16, dim / 32, bp2, N, kc2, partial2, &to_output);
+        pack_rows(c->x, c->rows, c->n, c->dim, c->N, c->bp1);  // ends in a barrier, as every omp for here
+        tile_product(&c->w13, c->dim, 16, c->H, c->H / 16, c->bp1, c->N, c->kc1, c->partial1, &to_hidden);
+        tile_product(&c->w2, c->H, 32, 16, c->dim / 32, c->bp2, c->N, c->kc2, c->partial2, &to_output);
         _tile_release();
     }
 }

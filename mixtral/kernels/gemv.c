@@ -27,7 +27,7 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
 
 // Software prefetch, into L2, of the weight rows this many rows ahead: the hardware prefetcher alone left the
 // int4 kernel at 9.4 GB/s from a cold cache (its rows are 2 KB, short streams) and the bf16 one at 29; with it,
-// 15.6 and 32.5 GB/s (2 threads, Xeon of 2026-12-01; benchmarks/cold_gemv.py). Distances 2-32 measured alike.
+// 15.6 and 32.5 GB/s (2 threads, Xeon of 2026-12-01; mixtral bench cold-gemv). Distances 2-32 measured alike.
 // PREFETCH_ROWS=0 (MIXTRAL_KERNEL_CFLAGS=-DPREFETCH_ROWS=0) builds without it, for that benchmark.
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8

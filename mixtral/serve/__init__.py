@@ -1,10 +1,12 @@
 """`mixtral serve`: an OpenAI-compatible HTTP server over a continuous-batching engine.
 
     engine.py   the engine: a pool of KV-cache rows; requests join and leave the running batch at every step
-    api.py      the FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics
+    schemas.py  the request and error bodies (strict pydantic models)
+    openai.py   OpenAI's response shapes: completions and chat completions, whole or as server-sent events
+    app.py      the FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics
     metrics.py  the Prometheus text format
     cli.py      `mixtral serve`
-    bench.py    `mixtral bench serve`: latency and throughput under 1..64 concurrent clients
 
-Nothing is imported here, so that `mixtral --help` does not load FastAPI.
+The benchmark that drives the server (`mixtral bench serve`) is `mixtral.bench.serve`. Nothing is imported here,
+so that `mixtral --help` does not load FastAPI.
 """

@@ -6,13 +6,11 @@ other commands do not pay for them.
 from __future__ import annotations
 
 import argparse
-import logging
 import socket
 import sys
 
 from mixtral.errors import InputError
-
-log = logging.getLogger("mixtral")
+from mixtral.io.loading import load_model_and_tokenizer
 
 SERVE_EPILOG = """\
 Loads the model once and serves it until Ctrl-C, batching all requests in flight together (continuous batching):
@@ -31,27 +29,17 @@ examples:
 """
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `serve` on the subparsers of the `mixtral` command."""
-    # The model options are mixtral.cli's own; imported here since mixtral.cli imports this module.
-    from mixtral.cli import DTYPE_CHOICES, add_model_option, add_quantize_option
-
-    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+def add_serve_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register `serve` on the subparsers of the `mixtral` command; `parents` as `mixtral.cli.shared_parents`
+    makes them (the model options are those of `mixtral generate`)."""
+    p = subparsers.add_parser("serve", parents=[parents["verbose"], parents["model"], parents["weights"]],
+                              help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, "
                                           "streaming) with continuous batching.",
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG)
-    p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
-                   help="log progress, and show tracebacks of errors")
-    model = p.add_argument_group("model")
-    add_model_option(model)
-    model.add_argument("--tokenizer", metavar="PATH_OR_PRESET",
-                       help="tokenizer file, directory or preset (default: as for `mixtral generate`)")
-    model.add_argument("--dtype", choices=DTYPE_CHOICES,
-                       help="dtype of the weights in memory (default: the checkpoint's own; float32 for presets)")
-    add_quantize_option(model)
-    model.add_argument("--served-model-name", metavar="NAME",
-                       help="the name clients pass as \"model\" (default: the --model argument as given)")
     http = p.add_argument_group("HTTP")
+    http.add_argument("--served-model-name", metavar="NAME",
+                      help="the name clients pass as \"model\" (default: the --model argument as given)")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000,
                       help="port to listen on; 0 picks a free one, printed at start (default: 8000)")
@@ -98,8 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from mixtral.cli import load_model_and_tokenizer
-    from mixtral.serve.api import DEFAULT_MAX_BODY, create_app
+    from mixtral.serve.app import DEFAULT_MAX_BODY, create_app
     from mixtral.serve.engine import Engine
 
     if not 0 <= args.port <= 65535:
@@ -112,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     sock = bind(args.host, args.port)  # before loading: a port in use fails in a second, not after the weights
     try:
-        model, tokenizer = load_model_and_tokenizer(args)
+        model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                                                    quantize=args.quantize, progress=sys.stderr.isatty())
         max_seq_len = args.max_seq_len or min(model.config.context_len, DEFAULT_MAX_SEQ_LEN)
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)

@@ -17,6 +17,9 @@ Each step of the engine thread
 3. decodes: one forward over all decoding rows, one token each, every row at its own position (the cache's
    per-slot positions, as `mixtral.generate` batches prompts of different lengths), each sampled with its own
    settings and its own seeded generator, so a sequence gets what it would get alone.
+The forwards, the sampling and the detokenization are `mixtral.generate`'s steps (`prefill`, `decode_step`,
+`sample`, `TextStream`), the same that `mixtral.generate.stream` runs; the rows move through the cache's row
+operations (`KVCache.rows`, `move_rows`, `clear_rows`).
 A sequence that finishes (EOS, a stop string, max_tokens) leaves in the step that finished it, one that was
 cancelled (its client went away) at the start of the next step: the last row of its region moves into its place.
 A failure while sampling fails that sequence only; a failure in a forward fails the sequences of that forward;
@@ -24,7 +27,6 @@ the engine goes on either way.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -36,7 +38,8 @@ import torch
 
 from mixtral.cache import KVCache
 from mixtral.errors import ContextLengthError, InputError
-from mixtral.generate import _stop_at, check_sampling, sample
+from mixtral.generate import (TextStream, check_sampling, decode_step, prefill, sample, seeded_generator,
+                              token_logprobs)
 from mixtral.model import Transformer
 from mixtral.serve.metrics import Histogram, Rate
 
@@ -88,31 +91,13 @@ class Generation:
         self.prompt = prompt
         self.params = params
         self.on_event = on_event
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(params.seed) if params.seed is not None else self.generator.seed()
-        self.decoder = tokenizer.stream()
-        if params.continue_prompt:
-            self.decoder.push(prompt[-1])  # its own text is the prompt's, not handed out
+        self.generator = seeded_generator(params.seed)
+        self.text = TextStream(tokenizer, params.stop, context=prompt[-1:] if params.continue_prompt else ())
         self.tokens: list[int] = []
-        self.text = ""  # everything decoded so far; text[:emitted] has been handed out
-        self.emitted = 0
         self.prefilled = 0  # prompt tokens already in the cache
         self.cancelled = False
         self.finish_reason: str | None = None
         self.submitted_at = time.monotonic()
-
-    def new_text(self, final: bool) -> tuple[str, bool]:
-        """(text not handed out yet that is safe to hand out, whether a stop string ended the text), as
-        `mixtral.generate.stream_text` does: hold back what could still become a stop string, and when the
-        sequence ends (`final`) without one, what was held back is final text."""
-        if final:
-            self.text += self.decoder.flush()
-        safe, stopped = _stop_at(self.text, self.params.stop)
-        if final and not stopped:
-            safe = self.text
-        piece = safe[self.emitted:]
-        self.emitted = max(self.emitted, len(safe))
-        return piece, stopped
 
 
 class Engine:
@@ -137,10 +122,9 @@ class Engine:
         self.max_batch, self.max_seq_len, self.max_queue = max_batch, max_seq_len, max_queue
         self.prefill_chunk = min(prefill_chunk, max_seq_len)
         weight = model.tok_embeddings.weight
-        self.device = weight.device
         self.cache = KVCache(config, max_batch, max_seq_len, max_chunk=self.prefill_chunk, dtype=weight.dtype,
                              device=weight.device)
-        self.cache_bytes = self.cache.k.nbytes + self.cache.v.nbytes
+        self.cache_bytes = self.cache.nbytes
         self.rows: list[Generation] = []  # rows[i] lives in row i of the cache
         self.decoding = 0  # rows[:decoding] decode, rows[decoding:] prefill
         self.waiting: deque[Generation] = deque()
@@ -270,14 +254,14 @@ class Engine:
             self._finish(generation, "cancelled")
         with self._cond:
             while self.waiting and len(self.rows) < self.max_batch:
-                self._reset_row(len(self.rows))
+                self.cache.clear_rows([len(self.rows)])
                 self.rows.append(self.waiting.popleft())
         if len(self.rows) > self.decoding:
             self._prefill()
         if self.decoding:
             self._decode()
         self.counts["steps"] += 1
-        self.kv_tokens = int(self.cache.lengths[: len(self.rows)].sum())
+        self.kv_tokens = self.cache.rows(0, len(self.rows)).kv_tokens
 
     def _prefill(self) -> None:
         start, stop = self.decoding, len(self.rows)
@@ -289,7 +273,7 @@ class Engine:
             part = g.prompt[g.prefilled: g.prefilled + chunk]
             ids[i, : len(part)] = torch.tensor(part)
             n_new.append(len(part))
-        logits = self._forward(ids, start, stop, n_new, batch)
+        logits = self._forward(prefill, start, stop, batch, ids, n_new)
         if logits is None:
             return
         done = []
@@ -301,37 +285,29 @@ class Engine:
         for g, row_logits in done:
             i = self.rows.index(g)
             if i != self.decoding:  # join the decoding rows: swap places with the first prefilling row
-                self._copy_rows([i, self.decoding], [self.decoding, i])
+                self._move_rows([i, self.decoding], [self.decoding, i])
             self.decoding += 1
             self._add_token(g, row_logits)
 
     def _decode(self) -> None:
         batch = self.rows[: self.decoding]
-        ids = torch.tensor([[g.tokens[-1]] for g in batch])
         self.batch_sizes.observe(len(batch))
-        logits = self._forward(ids, 0, len(batch), None, batch)
+        logits = self._forward(decode_step, 0, len(batch), batch, [g.tokens[-1] for g in batch])
         if logits is None:
             return
         for g, row_logits in zip(batch, logits):
             self._add_token(g, row_logits)
 
-    def _forward(self, ids: torch.Tensor, start: int, stop: int, n_new: list[int] | None,
-                 batch: list[Generation]) -> torch.Tensor | None:
-        """Logits [rows, vocab] of the last real token of each row in start:stop, fed `ids` [rows, chunk] (`n_new`
-        real tokens per row; all when None); None after a failure, which fails `batch`."""
-        # A KVCache over rows start:stop of the pool: its tensors are views, so the forward writes into the pool.
-        # `advance` replaces `lengths` with a new tensor; it is copied back below.
-        view = copy.copy(self.cache)
-        view.k, view.v = self.cache.k[:, start:stop], self.cache.v[:, start:stop]
-        view.slot_pos, view.lengths = self.cache.slot_pos[start:stop], self.cache.lengths[start:stop]
+    def _forward(self, run: Callable[..., torch.Tensor], start: int, stop: int, batch: list[Generation],
+                 *args) -> torch.Tensor | None:
+        """`run(model, cache, *args)` (`prefill` or `decode_step`) on rows start:stop of the pool, whose sequences
+        are `batch`: the logits [rows, vocab], on the CPU; None after a failure, which fails `batch`."""
         try:
-            n_new_t = None if n_new is None else torch.tensor(n_new, device=self.device)
-            logits = self.model(ids.to(self.device), cache=view, n_new=n_new_t, last_only=True)[:, 0].float()
+            logits = run(self.model, self.cache.rows(start, stop), *args)
         except Exception as e:
             log.exception("model forward failed for %d sequences", len(batch))
             self._fail(batch, f"the model failed on this batch: {e}")
             return None
-        self.cache.lengths[start:stop] = view.lengths
         return logits.cpu()
 
     def _add_token(self, g: Generation, logits: torch.Tensor) -> None:
@@ -341,11 +317,7 @@ class Engine:
             token = sample(logits, p.temperature, p.top_k, p.top_p, g.generator)
             event = Event(token=token)
             if p.logprobs is not None:
-                logprobs = torch.log_softmax(logits, dim=-1)
-                event.logprob = float(logprobs[token])
-                if p.logprobs:
-                    top = torch.topk(logprobs, min(p.logprobs, logprobs.numel()))
-                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+                event.logprob, event.top_logprobs = token_logprobs(logits, token, p.logprobs)
             g.tokens.append(token)
             now = time.monotonic()
             if len(g.tokens) == 1:
@@ -353,12 +325,13 @@ class Engine:
             self.counts["generation_tokens"] += 1
             self.token_rate.add(1, now)
             eos = token == self.tokenizer.eos_id and not p.ignore_eos
-            if not eos:
-                g.text += g.decoder.push(token)
             ends = eos or len(g.tokens) == p.max_tokens
-            event.text, stopped = g.new_text(final=ends)
-            if stopped or ends:
-                event.finish_reason = "stop" if stopped or eos else "length"
+            if ends:  # the EOS token has no text
+                event.text = g.text.finish(None if eos else token)
+            else:
+                event.text = g.text.push(token)
+            if g.text.stopped or ends:
+                event.finish_reason = "stop" if g.text.stopped or eos else "length"
         except Exception as e:
             log.exception("sampling failed with %s", g.params)
             self._fail([g], f"sampling failed: {e}")
@@ -393,13 +366,13 @@ class Engine:
         if i < self.decoding:
             # The last decoding row fills the hole, and the last prefilling row the place that frees.
             d_last = self.decoding - 1
-            self._copy_rows([d_last], [i])
-            self._copy_rows([last], [d_last])
+            self._move_rows([d_last], [i])
+            self._move_rows([last], [d_last])
             self.decoding -= 1
         else:
-            self._copy_rows([last], [i])
+            self._move_rows([last], [i])
         self.rows.pop()
-        self._reset_row(last)
+        self.cache.clear_rows([last])
 
     # ---- rows of the pool ----------------------------------------------------------------------------------------
 
@@ -407,26 +380,13 @@ class Engine:
         """Fail every running sequence and empty the pool without moving rows: the way out of a step that failed
         half-way, whatever state it left the rows in."""
         running, self.rows, self.decoding = self.rows, [], 0
-        self.cache.slot_pos.fill_(-1)
-        self.cache.lengths.zero_()
+        self.cache.reset()
         for g in running:
             self._finish(g, "error", message)
 
-    def _copy_rows(self, src: list[int], dst: list[int]) -> None:
-        """Move rows `src` of the pool (cache and bookkeeping) to `dst`; [i, j] -> [j, i] swaps them (indexing
-        with a list copies the source rows before any is written)."""
-        if src == dst:
-            return
-        c = self.cache
-        for t in (c.k, c.v):  # [layer, row, kv_heads, slot, head_dim]
-            t[:, dst] = t[:, src]
-        c.slot_pos[dst] = c.slot_pos[src]
-        c.lengths[dst] = c.lengths[src]
+    def _move_rows(self, src: list[int], dst: list[int]) -> None:
+        """Move rows `src` of the pool (cache and bookkeeping) to `dst`; [i, j] -> [j, i] swaps them."""
+        self.cache.move_rows(src, dst)
         moved = [self.rows[i] for i in src]
         for i, g in zip(dst, moved):
             self.rows[i] = g
-
-    def _reset_row(self, row: int) -> None:
-        # An empty row: no slot holds a position, so nothing in it is ever attended (its keys can stay).
-        self.cache.slot_pos[row] = -1
-        self.cache.lengths[row] = 0

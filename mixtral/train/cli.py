@@ -22,8 +22,10 @@ examples:
 """
 
 
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `train` on the subparsers of the `mixtral` command."""
+def add_train_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register `train` on the subparsers of the `mixtral` command. It takes none of the shared `parents`: the
+    model, dtype and everything else of a run are in its TOML config, and the options after CONFIG are overrides
+    of that config."""
     p = subparsers.add_parser("train", help="train a model from a TOML config (MoE or dense baseline)",
                               description="Train a model on a prepared corpus (mixtral data prepare): AdamW, "
                                           "warmup + cosine, bf16 autocast, load-balancing and z-losses, "

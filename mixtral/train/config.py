@@ -34,8 +34,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mixtral.config import PRESETS, ModelConfig, with_overrides
-from mixtral.errors import ConfigError
+import torch
+
+from mixtral.config import PRESETS, ModelConfig, parse_dtype, with_overrides
+from mixtral.errors import ConfigError, InputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,7 +45,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BASELINES = ("dense-active", "dense-total")
-DTYPES = ("bf16", "fp32")
+# What a run computes in, named in mixtral.config's dtype vocabulary: "bf16" (or "bfloat16") autocasts to bfloat16
+# over float32 master weights; "fp32" (or "float32") is plain float32. The configs use the short names.
+TRAIN_DTYPES = ("bfloat16", "float32")
 
 
 @dataclass
@@ -82,7 +86,7 @@ class RouterSection:
     z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
     jitter: float = 0.0  # multiplicative noise on the router input (Switch uses 0.01); 0 is off
     capacity_factor: float | None = None  # None: dropless; Switch's default when enabled is 1.25
-    train: bool = True  # whether the router's weights train (PITFALLS 8)
+    train: bool = True  # whether the router's weights train (fine-tuning may want it frozen)
 
 
 @dataclass
@@ -90,12 +94,16 @@ class TrainSection:
     steps: int = 1000
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    dtype: str = "bf16"  # "bf16": autocast with float32 master weights; "fp32"
+    dtype: str = "bf16"  # "bf16": autocast with float32 master weights; "fp32" (see TRAIN_DTYPES)
     seed: int = 0  # model init, batches and router jitter
     threads: int = 0  # torch threads; 0 keeps torch's default (the cores this process may use)
     device: str = "cpu"
     log_every: int = 10
     deterministic: bool = True  # torch.use_deterministic_algorithms; needed for bit-exact resume on CUDA
+
+    def torch_dtype(self) -> torch.dtype:
+        """torch.bfloat16 or torch.float32 for `dtype`; raises InputError for another name (`check` reports it)."""
+        return parse_dtype(self.dtype, allowed=TRAIN_DTYPES)
 
 
 @dataclass
@@ -339,7 +347,10 @@ def check(config: TrainConfig, source: str = "config") -> None:
     need(t.steps >= 1, "train.steps", "must be at least 1")
     need(t.batch_size >= 1, "train.batch_size", "must be at least 1")
     need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
-    need(t.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}")
+    try:
+        t.torch_dtype()
+    except InputError:
+        need(False, "train.dtype", f"must be one of bf16, fp32 (or {', '.join(TRAIN_DTYPES)})")
     need(t.seed >= 0, "train.seed", "must be >= 0")
     need(t.threads >= 0, "train.threads", "must be >= 0 (0: torch's default)")
     need(t.device == "cpu" or t.device.startswith("cuda"), "train.device", "must be cpu or cuda[:N]")

@@ -3,14 +3,15 @@ router z-loss, and what each MoE layer's routing looked like.
 
 The auxiliary losses take the router logits of every MoE layer (`mixtral.moe.Routing.logits`, [tokens,
 n_experts] each, tokens = batch * seq flattened) and an optional attention mask [batch, seq] (1 = real token,
-0 = padding) whose padding rows they leave out (PITFALLS 2).
+0 = padding) whose padding rows they leave out: padding is not routed text, and counting it skews both f and P
+(transformers counted it until its PR #28517).
 
 Load balancing, for the fraction of top-k assignments f_e and the mean router probability P_e of each expert:
 
     loss = n_experts * sum_e f_e * P_e          (Switch Transformer, eq. 4-6)
 
 f sums to top_k (each token makes top_k assignments) and P to 1, so a perfectly balanced router scores exactly
-top_k, and 1 is the minimum for top-1. Two ways to take it over several layers (PITFALLS 2, transformers #31464):
+top_k, and 1 is the minimum for top-1. Two ways to take it over several layers (debated in transformers #31464):
 - "per-layer" (the trainer's default, as Switch and ST-MoE add one loss per MoE layer): the mean over layers of
   each layer's loss. Every layer must balance on its own.
 - "pooled", what transformers' `load_balancing_loss_func` computes: f and P averaged over the tokens of all layers

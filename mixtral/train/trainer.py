@@ -21,35 +21,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import re
 import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mixtral.errors import CheckpointError, ConfigError, MixtralError
-from mixtral.io.checkpoint import load_checkpoint, save_hf
+from mixtral.errors import ConfigError, MixtralError
+from mixtral.io.files import write_text
 from mixtral.model import Transformer
+from mixtral.train.checkpoints import (CONFIG_FILE, check_resumable, latest_checkpoint, load_checkpoint_state,
+                                       save_checkpoint)
 from mixtral.train.config import TrainConfig, dumps, from_dict
 from mixtral.train.losses import cross_entropy, load_balancing_loss, router_metrics, z_loss
+from mixtral.train.metrics import append_metrics, plot_curves, truncate_metrics
 
 log = logging.getLogger("mixtral")
 
-STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "train_config.json"
-CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 
-# Keys a resumed run may change: how long it runs and how often it logs, evaluates and saves. Everything else
-# must match the checkpoint's config, or the run it continues would not be the run it claims to be.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "eval.every", "eval.max_windows", "eval.batch_size",
-                     "checkpoint.every", "checkpoint.keep", "out_dir"}
 
 
 class DivergedError(MixtralError):
@@ -129,8 +123,8 @@ def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, aux
             aux_loss_mode: str = "per-layer") -> tuple[torch.Tensor, dict, list]:
     """(loss, parts, routing) of one batch: next-token cross-entropy plus the router's auxiliary losses.
 
-    The auxiliary losses are on whenever the model has a router and their coefficient is not zero (PITFALLS 3):
-    the caller cannot forget to ask for router logits. parts: {"ce", "lb", "z"} as tensors (lb/z None when off).
+    The auxiliary losses are on whenever the model has a router and their coefficient is not zero: the
+    caller cannot forget to ask for router logits (a trainer that must ask for them trains without them by mistake). parts: {"ce", "lb", "z"} as tensors (lb/z None when off).
     """
     h, routing = model.trunk(inputs)
     ce = cross_entropy(model.norm(h), model.output.weight, targets)
@@ -147,7 +141,7 @@ def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, aux
 
 def autocast(config: TrainConfig):
     device = torch.device(config.train.device).type
-    if config.train.dtype == "bf16":
+    if config.train.torch_dtype() == torch.bfloat16:
         return torch.autocast(device, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -186,170 +180,6 @@ def evaluate(model: Transformer, val: Shards, config: TrainConfig) -> dict[str, 
     if count:
         results["all"] = {"loss": total / count, "ppl": math.exp(min(total / count, 700.0)), "tokens": count}
     return results
-
-
-# ---- RNG and checkpoints ---------------------------------------------------------------------------------------
-
-def rng_state() -> dict[str, Any]:
-    """torch, numpy and Python RNG states as tensors and plain lists (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, directory) of the complete checkpoints under OUT/checkpoints, oldest first."""
-    root = Path(out_dir) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            match = CHECKPOINT_NAME.fullmatch(path.name)
-            if match and (path / STATE_FILE).is_file():
-                found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    found = checkpoints(out_dir)
-    return found[-1][1] if found else None
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def save_checkpoint(out_dir: str | os.PathLike, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, tokenizer_file: Path | None = None) -> Path:
-    """Write OUT/checkpoints/step_NNNNNN atomically (a temporary directory renamed into place); delete the
-    checkpoints beyond the newest `checkpoint.keep`. Returns the directory."""
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_hf(model, tmp, dtype=torch.float32)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(dumps(config))
-    if tokenizer_file is not None and tokenizer_file.is_file():
-        # `mixtral generate --model CHECKPOINT` then finds the corpus's own tokenizer.
-        name = "tokenizer.json" if tokenizer_file.suffix == ".json" else "tokenizer.model"
-        shutil.copyfile(tokenizer_file, tmp / name)
-    _fsync_tree(tmp)
-    if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for _, old in checkpoints(out_dir)[:-config.checkpoint.keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint_state(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer and RNG from checkpoint `path` into `model` and `optimizer`; returns its step."""
-    try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file
-        raise CheckpointError(f"{path / STATE_FILE}: cannot load trainer state ({e})") from None
-    model.load_state_dict(load_checkpoint(path, dtype=torch.float32, progress=False).state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-def check_resumable(saved: TrainConfig, config: TrainConfig, path: Path) -> list[str]:
-    """The keys that differ between the checkpoint's config and this run's; ConfigError if any may not."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "weights":
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(saved.to_dict()), flat(config.to_dict())
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    forbidden = [k for k in changed if k not in RESUMABLE_CHANGES]
-    if forbidden:
-        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in forbidden)
-        raise ConfigError(f"cannot resume from {path}: the config differs in {detail} (only "
-                          f"{', '.join(sorted(RESUMABLE_CHANGES))} may change); use another out_dir for a new run")
-    return changed
-
-
-# ---- metrics and the plot --------------------------------------------------------------------------------------
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl, skipping a last line cut short by a kill."""
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to `step` (what a resumed run continues from), atomically."""
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
-
-
-def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Train loss (cross-entropy) and validation loss per domain against the step, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [r for r in records if r.get("kind") == "train"]
-    val = [r for r in records if r.get("kind") == "val"]
-    fig, (ax_loss, ax_aux) = plt.subplots(1, 2, figsize=(12, 4.5))
-    if train:
-        ax_loss.plot([r["step"] for r in train], [r["ce"] for r in train], label="train", lw=1, alpha=0.8)
-    for domain in sorted({d for r in val for d in r["domains"]}):
-        points = [(r["step"], r["domains"][domain]["loss"]) for r in val if domain in r["domains"]]
-        ax_loss.plot(*zip(*points), marker="o", ms=3, label=f"val {domain}", lw=2 if domain == "all" else 1)
-    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
-    ax_loss.legend(fontsize=8)
-    ax_loss.grid(alpha=0.3)
-    for key, label in (("lb", "load balancing"), ("z", "router z-loss")):
-        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
-        if points:
-            ax_aux.plot(*zip(*points), label=label, lw=1)
-    ax_aux.set(xlabel="step", title="router auxiliary losses")
-    if ax_aux.lines:
-        ax_aux.legend(fontsize=8)
-    ax_aux.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
@@ -422,9 +252,9 @@ def _train(config: TrainConfig, train_data: Shards | None, val_data: Shards | No
         if resume:
             log.info("no checkpoint in %s yet; starting at step 0", out)
         metrics_path.write_text("")
-    for tmp in (out / "checkpoints").glob(".tmp-*") if (out / "checkpoints").is_dir() else []:
+    for tmp in (out / "checkpoints").glob(".*.tmp") if (out / "checkpoints").is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    (out / "train_config.json").write_text(dumps(config))
+    write_text(out / "train_config.json", dumps(config))
 
     total, active = model_config.param_counts()
     r = config.router
@@ -491,7 +321,7 @@ def _train(config: TrainConfig, train_data: Shards | None, val_data: Shards | No
                     record["router"] = {"load": [m["load"] for m in layers],
                                         "entropy": [m["entropy"] for m in layers],
                                         "dropped": [m["dropped"] for m in layers]}
-                _append(metrics_path, record)
+                append_metrics(metrics_path, record)
                 bar.set_postfix(loss=f"{record['ce']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 last = record
                 window_start, window_tokens = time.perf_counter(), 0
@@ -499,7 +329,7 @@ def _train(config: TrainConfig, train_data: Shards | None, val_data: Shards | No
             is_last = step == t.steps
             if is_last or (config.eval.every and step % config.eval.every == 0):
                 results = evaluate(model, val_data, config)
-                _append(metrics_path, {"kind": "val", "step": step, "tokens": step * tokens_per_step,
+                append_metrics(metrics_path, {"kind": "val", "step": step, "tokens": step * tokens_per_step,
                                        "domains": results})
                 summary = ", ".join(f"{d} {r['loss']:.3f} (ppl {r['ppl']:.1f})" for d, r in results.items())
                 bar.write(f"step {step}: val {summary}")
@@ -512,8 +342,3 @@ def _train(config: TrainConfig, train_data: Shards | None, val_data: Shards | No
     finally:
         bar.close()
     return last
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

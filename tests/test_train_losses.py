@@ -59,7 +59,7 @@ def test_per_layer_load_balancing_is_the_mean_of_transformers_per_layer(masked):
 
 
 def test_pooling_hides_layers_that_each_collapsed():
-    # PITFALLS 2: each layer sends every token to its own pair of experts; pooled, the layers look balanced.
+    # Each layer sends every token to its own pair of experts; pooled over layers, they look balanced.
     layers = []
     for pair in range(4):
         logits = torch.zeros(32, 8)
@@ -300,7 +300,7 @@ def test_grouped_training_path_under_bf16_autocast_is_close_to_reference():
 
 
 def test_every_parameter_gets_a_gradient_when_an_expert_is_idle():
-    # A data-parallel all-reduce hangs when ranks disagree on which tensors have gradients (PITFALLS 4).
+    # A data-parallel all-reduce hangs when ranks disagree on which tensors have gradients.
     moe = _moe(n_experts=4, top_k=1).train()
     with torch.no_grad():
         moe.router.weight.copy_(torch.tensor([[1.0], [1.0], [1.0], [-1.0]]).expand(4, 16))

@@ -1,19 +1,18 @@
-"""Where a decode step and a prefill spend their time: torch.profiler over mixtral's forward pass, with a span
-recorded around every module of the model, so time inside our C kernels (called through ctypes, invisible to the
-profiler's op list) is still charged to the attention, MoE or output head that ran it.
+"""`mixtral bench profile`: where a decode step and a prefill spend their time: torch.profiler over mixtral's
+forward pass, with a span recorded around every module of the model, so time inside our C kernels (called through
+ctypes, invisible to the profiler's op list) is still charged to the attention, MoE or output head that ran it.
 
-It prints, per phase (--steps decode steps at --batch rows after a --prompt-token prompt; one --prefill-token
+It prints, per phase (--steps decode steps at --batch rows after a --prompt-tokens prompt; one --prefill-tokens
 prefill), the ms a call spends in each part of the model, what the model's forward spends outside its modules
 (RoPE tables, masks, the KV cache's bookkeeping, indexing), and what the step spends outside the forward (the
 loop of `mixtral.generate.stream`: sampling, building the next ids); then the --top ops by self time. Last, the
 time to the first token of `mixtral.generate.stream` on the prefill prompt against the bare prefill forward.
 
-    python benchmarks/profile_step.py --checkpoint out/bench8x7b/synthetic-mixtral-8x7b-2layers-seed0
-    python benchmarks/profile_step.py --checkpoint default --quantize int4 --batch 8
+    mixtral bench profile --model out/bench8x7b/synthetic-mixtral-8x7b-2layers-seed0
+    mixtral bench profile --model default --quantize int4 --batch 8
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections import defaultdict
@@ -21,9 +20,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import mixtral
 from mixtral.cache import KVCache
 from mixtral.generate import stream
+from mixtral.io.loading import load
 from mixtral.model import Attention, RMSNorm
 from mixtral.moe import MoE
 
@@ -75,7 +74,8 @@ def spans(prof, calls: int) -> dict[str, float]:
     return totals
 
 
-def report(title: str, prof, calls: int, top: int) -> None:
+def print_phase(title: str, prof, calls: int, top: int) -> dict[str, float]:
+    """Print the ms a call of one phase spends in each part, then the `top` ops by self time; returns the spans."""
     t = spans(prof, calls)
     step = t.get("step", t["forward"])
     print(f"\n{title}: {step:.1f} ms a call")
@@ -91,73 +91,68 @@ def report(title: str, prof, calls: int, top: int) -> None:
         loop = step - t["forward"]
         print(f"  {'step, outside the forward':<34} {loop:>8.2f} {loop / step:>6.1%}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
+    return dict(t)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="default", help="checkpoint directory or preset (default: the "
-                        "bundled model)")
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--quantize", choices=("int8", "int4"), default=None)
-    parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
-    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens before the decode steps")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps profiled (after 4 unprofiled)")
-    parser.add_argument("--prefill", type=int, default=512, help="tokens of the profiled prefill")
-    parser.add_argument("--top", type=int, default=12, help="ops listed by self time")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model = mixtral.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize)
-    config = model.config
-    instrument(model)
+def run(*, model: str = "default", dtype: str = "bf16", quantize: str | None = None, batch: int = 1,
+        prompt_tokens: int = 16, steps: int = 16, prefill_tokens: int = 512, top: int = 12) -> dict:
+    """Profile `steps` greedy decode steps of `batch` rows after a `prompt_tokens`-token prompt (after 4 unprofiled
+    ones) and one `prefill_tokens`-token prefill of `model` (a checkpoint directory or preset, loaded in `dtype`,
+    quantized to `quantize` if given), then time `stream`'s first token against the bare prefill; prints each
+    phase's parts and its `top` ops. Returns {"benchmark": "profile", "phases": {title: {span: ms per call}},
+    "prefill_ms", "first_token_ms"}."""
+    net = load(model, dtype=dtype, quantize=quantize)
+    config = net.config
+    instrument(net)
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (args.batch, args.prompt), generator=generator)
-    long_prompt = torch.randint(3, config.vocab_size, (1, args.prefill), generator=generator)
-    print(f"{args.checkpoint}: {config.n_layers} layers, dim {config.dim}, {config.n_experts} experts; "
-          f"{args.dtype}{', ' + args.quantize if args.quantize else ''}; {args.threads} threads")
+    prompt_ids = torch.randint(3, config.vocab_size, (batch, prompt_tokens), generator=generator)
+    long_prompt = torch.randint(3, config.vocab_size, (1, prefill_tokens), generator=generator)
+    print(f"{model}: {config.n_layers} layers, dim {config.dim}, {config.n_experts} experts; "
+          f"{dtype}{', ' + quantize if quantize else ''}; {torch.get_num_threads()} threads")
+    phases = {}
 
     with torch.inference_mode():
         # decode: the loop of `stream`, one token a row a step, greedy
-        cache = KVCache(config, args.batch, args.prompt + args.steps + 4, max_chunk=args.prompt,
-                        dtype=model.tok_embeddings.weight.dtype)
-        logits = model(prompt, cache=cache, last_only=True)[:, 0].float()
-        n_new = torch.ones(args.batch, dtype=torch.long)
+        cache = KVCache(config, batch, prompt_tokens + steps + 4, max_chunk=prompt_tokens,
+                        dtype=net.tok_embeddings.weight.dtype)
+        logits = net(prompt_ids, cache=cache, last_only=True)[:, 0].float()
+        n_new = torch.ones(batch, dtype=torch.long)
 
         def decode_step():
             ids = logits.argmax(-1)[:, None]
-            return model(ids, cache=cache, n_new=n_new, last_only=True)[:, 0].float()
+            return net(ids, cache=cache, n_new=n_new, last_only=True)[:, 0].float()
 
         for _ in range(4):
             logits = decode_step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.steps):
+            for _ in range(steps):
                 with record_function("step"):
                     logits = decode_step()
-        report(f"decode step, batch {args.batch}", prof, args.steps, args.top)
+        title = f"decode step, batch {batch}"
+        phases[title] = print_phase(title, prof, steps, top)
 
-        def prefill():
-            fresh = KVCache(config, 1, args.prefill + 1, max_chunk=args.prefill,
-                            dtype=model.tok_embeddings.weight.dtype)
-            return model(long_prompt, cache=fresh, last_only=True)
+        def run_prefill():
+            fresh = KVCache(config, 1, prefill_tokens + 1, max_chunk=prefill_tokens,
+                            dtype=net.tok_embeddings.weight.dtype)
+            return net(long_prompt, cache=fresh, last_only=True)
 
-        prefill()  # warm-up
+        run_prefill()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            prefill()
-        report(f"prefill of {args.prefill} tokens", prof, 1, args.top)
+            run_prefill()
+        title = f"prefill of {prefill_tokens} tokens"
+        phases[title] = print_phase(title, prof, 1, top)
 
     # time to the first token of `stream` against the bare prefill, without the profiler
     bare, first = [], []
     for _ in range(3):
         with torch.inference_mode():
             start = time.perf_counter()
-            prefill()
+            run_prefill()
             bare.append(time.perf_counter() - start)
         start = time.perf_counter()
-        next(stream(model, long_prompt.tolist(), 1))
+        next(stream(net, long_prompt.tolist(), 1))
         first.append(time.perf_counter() - start)
-    print(f"\n{args.prefill}-token prompt: prefill forward {statistics.median(bare) * 1e3:.1f} ms, "
+    print(f"\n{prefill_tokens}-token prompt: prefill forward {statistics.median(bare) * 1e3:.1f} ms, "
           f"stream's first token {statistics.median(first) * 1e3:.1f} ms (medians of 3)")
-
-
-if __name__ == "__main__":
-    main()
+    return {"benchmark": "profile", "phases": phases, "prefill_ms": statistics.median(bare) * 1e3,
+            "first_token_ms": statistics.median(first) * 1e3}

@@ -1,4 +1,5 @@
-"""Training throughput: our trainer's step against transformers' MixtralForCausalLM, side by side in one run.
+"""`mixtral bench train-throughput`: our trainer's step against transformers' MixtralForCausalLM, side by side in
+one run.
 
 Both train the same model (our random init, written with save_hf and read by transformers' from_pretrained) on
 the same random batches, with the same optimizer (fused AdamW, weight decay 0.1), gradient clipping at 1.0 and
@@ -14,29 +15,28 @@ over its timed steps. `keep_freed_memory` (glibc keeps freed blocks; see mixtral
 whole process, so to both. The first step's loss of both is printed as a check that they train the same model
 (ours includes the z-loss, 0.001 x about 4.3 at initialisation).
 
-    python benchmarks/train_throughput.py                      # the 42.7M default model, batch 8 x 256
-    python benchmarks/train_throughput.py --impls ours --dim 384 --layers 8 --hidden 1024
+    mixtral bench train-throughput                      # the 42.7M default model, batch 8 x 256
+    mixtral bench train-throughput --impls ours --dim 384 --layers 8 --hidden 1024
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from mixtral.bench.harness import command_line
 from mixtral.config import ModelConfig
 from mixtral.io.checkpoint import save_hf
 from mixtral.model import Transformer
 from mixtral.train.trainer import keep_freed_memory, lm_loss
 
 AUX_LOSS_COEF, Z_LOSS_COEF = 0.01, 0.001
+IMPLS = ("ours", "transformers")
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -72,7 +72,7 @@ def transformers_loss(model, inputs, targets):
     return model(input_ids=inputs, labels=targets, shift_labels=targets, output_router_logits=True).loss
 
 
-def build(config: ModelConfig, impls: list[str], seed: int, workdir: Path) -> dict[str, Trainee]:
+def build(config: ModelConfig, impls: Sequence[str], seed: int, workdir: Path) -> dict[str, Trainee]:
     """Fresh models with the same weights for each implementation (float32 master weights)."""
     ours = Transformer(config).init_weights(seed)
     trainees = {}
@@ -92,24 +92,28 @@ def build(config: ModelConfig, impls: list[str], seed: int, workdir: Path) -> di
     return trainees
 
 
-def measure(args: argparse.Namespace, config: ModelConfig, dtype: str) -> list[dict]:
+def measure(config: ModelConfig, dtype: str, *, impls: Sequence[str], batch: int, seq: int, warmup: int,
+            rounds: int, steps: int, seed: int) -> list[dict]:
+    """One row per implementation of `impls`: the median time of a training step on `batch` x `seq` random tokens
+    in `dtype` ("fp32", or "bf16" under autocast) over `rounds` rounds of `steps` timed steps each, after `warmup`
+    untimed ones."""
     bf16 = dtype == "bf16"
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        trainees = build(config, args.impls, args.seed, Path(tmp))
+        trainees = build(config, impls, seed, Path(tmp))
     first_loss, times = {}, {name: [] for name in trainees}
-    tokens = args.batch * args.seq
+    tokens = batch * seq
     batches = []
-    for _ in range(args.warmup + args.rounds):
-        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=generator)
+    for _ in range(warmup + rounds):
+        ids = torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator)
         batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
     for name, t in trainees.items():
-        for inputs, targets in batches[:args.warmup]:
+        for inputs, targets in batches[:warmup]:
             loss = t.step(inputs, targets, bf16)
             first_loss.setdefault(name, loss)
-    for inputs, targets in batches[args.warmup:]:
+    for inputs, targets in batches[warmup:]:
         for name, t in trainees.items():
-            for _ in range(args.steps):
+            for _ in range(steps):
                 start = time.perf_counter()
                 t.step(inputs, targets, bf16)
                 times[name].append(time.perf_counter() - start)
@@ -126,71 +130,41 @@ def measure(args: argparse.Namespace, config: ModelConfig, dtype: str) -> list[d
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=688, help="expert hidden dimension")
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=None, help="default: dim / heads")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    parser.add_argument("--impls", default="ours,transformers", help="comma-separated: ours, transformers")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation and dtype")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating timed steps")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per implementation per round")
-    parser.add_argument("--threads", type=int, default=threads, help=f"torch threads (default: {threads})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    args.impls = [s for s in args.impls.split(",") if s]
-    dtypes = [s for s in args.dtypes.split(",") if s]
-    bad = ([s for s in args.impls if s not in ("ours", "transformers")]
-           + [s for s in dtypes if s not in ("fp32", "bf16")])
-    if bad:
-        parser.error(f"unknown --impls/--dtypes value(s): {', '.join(bad)}")
+def model_config(*, dim: int = 256, layers: int = 6, hidden: int = 688, heads: int = 8, kv_heads: int = 2,
+                 head_dim: int | None = None, experts: int = 8, top_k: int = 2, vocab: int = 32000,
+                 seq: int = 256) -> ModelConfig:
+    """The model both implementations train (default: the 42.7M shape of the bundled default model)."""
+    return ModelConfig(dim=dim, n_layers=layers, head_dim=head_dim or dim // heads, hidden_dim=hidden, n_heads=heads,
+                       n_kv_heads=kv_heads, context_len=max(2048, seq), vocab_size=vocab, n_experts=experts,
+                       top_k=top_k)
 
-    torch.set_num_threads(args.threads)
+
+def run(config: ModelConfig, *, impls: Sequence[str] = IMPLS, dtypes: Sequence[str] = ("fp32", "bf16"),
+        batch: int = 8, seq: int = 256, warmup: int = 2, rounds: int = 3, steps: int = 2, seed: int = 0) -> dict:
+    """`measure` for each of `dtypes` ("fp32", "bf16"); prints the header and the table as it goes. Returns
+    {"benchmark": "train-throughput", "command", "config", "rows"}."""
     kept = keep_freed_memory()
-    config = ModelConfig(dim=args.dim, n_layers=args.layers, head_dim=args.head_dim or args.dim // args.heads,
-                         hidden_dim=args.hidden, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                         context_len=max(2048, args.seq), vocab_size=args.vocab, n_experts=args.experts,
-                         top_k=args.top_k)
     total, active = config.param_counts()
-    command = shlex.join(["python", "benchmarks/train_throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line()
     print(f"# {command}")
     print(f"# model: {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active): dim {config.dim}, {config.n_layers} "
           f"layers, {config.n_experts} experts top-{config.top_k} of hidden {config.hidden_dim}, {config.n_heads} "
           f"heads / {config.n_kv_heads} KV, vocab {config.vocab_size}")
     versions = f"torch {torch.__version__}"
-    if "transformers" in args.impls:
+    if "transformers" in impls:
         import transformers
 
         versions += f", transformers {transformers.__version__}"
-    print(f"# batch {args.batch} x {args.seq} tokens, {args.threads} threads, {versions}, glibc keeps freed "
-          f"memory: {kept}; median of {args.rounds} x {args.steps} steps after {args.warmup} warm-up")
+    print(f"# batch {batch} x {seq} tokens, {torch.get_num_threads()} threads, {versions}, glibc keeps freed "
+          f"memory: {kept}; median of {rounds} x {steps} steps after {warmup} warm-up")
     rows = []
     print(f"\n{'dtype':<6} {'impl':<13} {'tokens/s':>9} {'s/step':>7} {'best tok/s':>10} {'x transformers':>14} "
           f"{'first loss':>10}")
     for dtype in dtypes:
-        for row in measure(args, config, dtype):
+        for row in measure(config, dtype, impls=impls, batch=batch, seq=seq, warmup=warmup, rounds=rounds,
+                           steps=steps, seed=seed):
             rows.append(row)
             ratio = f"{row['x_transformers']:.2f}" if "x_transformers" in row else "-"
             print(f"{row['dtype']:<6} {row['impl']:<13} {row['tokens_per_s']:>9.0f} {row['s_per_step']:>7.3f} "
                   f"{row['best_tokens_per_s']:>10.0f} {ratio:>14} {row['first_loss']:>10.4f}", flush=True)
-    if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"command": command, "config": config.__dict__, "rows": rows}, indent=2))
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"benchmark": "train-throughput", "command": command, "config": asdict(config), "rows": rows}

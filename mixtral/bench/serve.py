@@ -7,13 +7,9 @@ generates them all; `logprobs: 0`, so each token arrives in a chunk of its own a
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import importlib.util
 import json
 import math
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from mixtral.bench import (Column, format_header, format_row, parse_list, print_provenance, provenance, report,
-                           synthetic_checkpoint)
+from mixtral.bench.e2e import synthetic_model
+from mixtral.bench.harness import Column, format_header, format_row
 from mixtral.errors import InputError
 from mixtral.serve.metrics import parse
 
-SERVE_EPILOG = """\
+EPILOG = """\
 Serves --model (default: the bundled default model), or with --synthetic a checkpoint shaped like Mixtral-8x7B cut
 to --synthetic-layers layers (random bf16 weights, written into --workdir as `mixtral bench e2e` writes it, and
 reused there; 2 layers = 6.3 GB, ~7 GB of RAM while serving). The server gets --max-batch = the largest --clients,
@@ -54,94 +50,57 @@ COLUMNS: list[Column] = [
     ("rows_per_step", "rows/step", 9, ".1f"),
 ]
 
-TARGET_CLIENTS, TARGET_RATIO = 16, 6.0  # issue 6: 16 clients reach >= 6x one client's decode tokens/s
+# What batched decoding is for: 16 clients together decode at least 6x the tokens/s of one client alone.
+TARGET_CLIENTS, TARGET_RATIO = 16, 6.0
 
 
-def add_serve_benchmark(commands) -> argparse.ArgumentParser:
-    """Register `serve` on the subcommands of `mixtral bench`."""
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    p = commands.add_parser("serve", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG,
-                            help="mixtral serve under 1..64 concurrent clients: latency and tokens/s",
-                            description="Time to first token, inter-token latency and aggregate tokens/s of "
-                                        "`mixtral serve` under concurrent streaming clients.")
-    p.add_argument("--model", default="default", metavar="PATH_OR_PRESET",
-                   help="what the server serves (default: the bundled default model)")
-    p.add_argument("--synthetic", action="store_true",
-                   help="serve a synthetic Mixtral-8x7B-shaped checkpoint instead of --model")
-    p.add_argument("--synthetic-layers", type=int, default=2, help="its layers (default: 2, 6.3 GB)")
-    p.add_argument("--synthetic-config", default="mixtral-8x7b", help=argparse.SUPPRESS)  # tests: a tiny preset
-    p.add_argument("--workdir", metavar="DIR", help="where the synthetic checkpoint is written and reused (default: "
-                                                    "a temporary directory, deleted afterwards)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="passed to mixtral serve")
-    p.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels (default: 1,4,16,64)")
-    p.add_argument("--requests", type=int, default=2, help="requests per client, one after another (default: 2)")
-    p.add_argument("--prompt-tokens", type=int, default=16, help="tokens of each prompt (default: 16)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (default: 32)")
-    p.add_argument("--threads", type=int, default=threads, help=f"torch threads of the server (default: {threads})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the synthetic weights (default: 0)")
-    p.add_argument("--startup-timeout", type=float, default=900,
-                   help="seconds to wait for the server to load the model (default: 900)")
-    p.add_argument("--json", metavar="PATH", help="also write all rows to this JSON file (atomically)")
-    p.set_defaults(run=run_serve)
-    return p
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """`bench serve`: returns 0, or 1 when a request failed or came back short."""
-    if importlib.util.find_spec("httpx") is None:
-        raise InputError("mixtral bench serve drives the server with httpx, which is not installed; install the test "
-                         "extra: pip install -e '.[test]' (or pip install httpx)")
-    for name in ("requests", "prompt_tokens", "threads", "synthetic_layers"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.new_tokens < 2:
-        raise InputError(f"--new-tokens must be at least 2 (inter-token latency needs a second token), "
-                         f"got {args.new_tokens}")
-    if args.synthetic and args.model != "default":
-        raise InputError("--synthetic serves its own checkpoint; leave out --model")
-    levels = parse_list(args.clients, int, "--clients")
-    torch.set_num_threads(args.threads)  # the server's count; the header reports this process's (it only drives)
-    return report(args, bench_serve(args, levels))
-
-
-def bench_serve(args: argparse.Namespace, levels: list[int]) -> dict:
-    info = provenance(args)
-    print_provenance(info)
-    temp_dir = None
-    model = args.model
-    if args.synthetic:
-        if args.workdir is None:
-            temp_dir = Path(tempfile.mkdtemp(prefix="mixtral-bench-serve-"))
-        workdir = Path(args.workdir) if args.workdir is not None else temp_dir
-        workdir.mkdir(parents=True, exist_ok=True)
-        model = str(synthetic_checkpoint(workdir, args.synthetic_config, args.synthetic_layers, args.seed))
-    log = Path(tempfile.mkstemp(prefix="mixtral-serve-", suffix=".log")[1])
-    server = None
-    try:
-        command = [sys.executable, "-m", "mixtral", "serve", "--model", model, "--port", "0", "--no-access-log",
-                   "--threads", str(args.threads), "--max-batch", str(max(levels)), "--max-queue", str(max(levels)),
-                   "--max-seq-len", str(args.prompt_tokens + args.new_tokens)]
-        command += ["--dtype", args.dtype] if args.dtype else []
-        print(f"# server: {' '.join(command[1:])}", flush=True)
-        server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        name, url = _wait_for_server(server, log, args.startup_timeout)
-        rows = asyncio.run(_levels(args, levels, name, url))
-    finally:
-        if server is not None:
-            _stop(server)
-        log.unlink(missing_ok=True)
-        if temp_dir is not None:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+def run(*, model: str, synthetic: bool, synthetic_config: str, synthetic_layers: int, workdir: str | None,
+        dtype: str | None, levels: list[int], requests: int, prompt_tokens: int, new_tokens: int, threads: int,
+        seed: int, startup_timeout: float) -> dict:
+    """Serve `model` (or with `synthetic` the checkpoint `mixtral bench e2e` writes, see `e2e.synthetic_model`)
+    with `mixtral serve` in a subprocess of `threads` threads, then drive it at each concurrency level of `levels`:
+    that many clients each sending `requests` streaming completions of `prompt_tokens` random ids and `new_tokens`
+    (at least 2) greedy tokens. Prints the table as it goes; returns {"benchmark": "serve", "model", "rows",
+    "passed"} (passed: every request came back whole). Raises InputError when the server does not start."""
+    assert new_tokens >= 2, "inter-token latency needs a second token"
+    if synthetic:
+        with synthetic_model(synthetic_config, synthetic_layers, seed, workdir, "mixtral-bench-serve-") as path:
+            rows = _serve_and_drive(str(path), dtype, levels, requests, prompt_tokens, new_tokens, threads, seed,
+                                    startup_timeout)
+        model = str(path)
+    else:
+        rows = _serve_and_drive(model, dtype, levels, requests, prompt_tokens, new_tokens, threads, seed,
+                                startup_timeout)
     one = next((r for r in rows if r["clients"] == 1), None)
     target = next((r for r in rows if r["clients"] == TARGET_CLIENTS), None)
     if one is not None and target is not None:
         verdict = "met" if target["x_decode"] >= TARGET_RATIO else "missed"
         print(f"\n{TARGET_CLIENTS} clients: decode {target['decode_tok_s']:.1f} tokens/s = {target['x_decode']:.2f}x "
-              f"one client's {one['decode_tok_s']:.1f} (issue 6 target: >= {TARGET_RATIO:g}x: {verdict})")
+              f"one client's {one['decode_tok_s']:.1f} (target: >= {TARGET_RATIO:g}x: {verdict})")
     failed = sum(r["failed"] for r in rows)
     if failed:
         print(f"FAILED: {failed} requests failed or came back short")
-    return {**info, "benchmark": "serve", "model": model, "rows": rows, "passed": not failed}
+    return {"benchmark": "serve", "model": model, "rows": rows, "passed": not failed}
+
+
+def _serve_and_drive(model: str, dtype: str | None, levels: list[int], requests: int, prompt_tokens: int,
+                     new_tokens: int, threads: int, seed: int, startup_timeout: float) -> list[dict]:
+    """The rows of each level, from a `mixtral serve` of `model` started for them and stopped afterwards."""
+    log = Path(tempfile.mkstemp(prefix="mixtral-serve-", suffix=".log")[1])
+    server = None
+    try:
+        command = [sys.executable, "-m", "mixtral", "serve", "--model", model, "--port", "0", "--no-access-log",
+                   "--threads", str(threads), "--max-batch", str(max(levels)), "--max-queue", str(max(levels)),
+                   "--max-seq-len", str(prompt_tokens + new_tokens)]
+        command += ["--dtype", dtype] if dtype else []
+        print(f"# server: {' '.join(command[1:])}", flush=True)
+        server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        name, url = _wait_for_server(server, log, startup_timeout)
+        return asyncio.run(_levels(levels, name, url, requests, prompt_tokens, new_tokens, seed))
+    finally:
+        if server is not None:
+            _stop(server)
+        log.unlink(missing_ok=True)
 
 
 def _wait_for_server(server: subprocess.Popen, log: Path, timeout: float) -> tuple[str, str]:
@@ -176,21 +135,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def _levels(args: argparse.Namespace, levels: list[int], name: str, url: str) -> list[dict]:
+async def _levels(levels: list[int], name: str, url: str, requests: int, prompt_tokens: int, new_tokens: int,
+                  seed: int) -> list[dict]:
     import httpx
 
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     rows: list[dict] = []
-    print(f"\nserving {name}: prompts of {args.prompt_tokens} random tokens, {args.new_tokens} new tokens greedy, "
-          f"{args.requests} requests per client; times in ms")
+    print(f"\nserving {name}: prompts of {prompt_tokens} random tokens, {new_tokens} new tokens greedy, "
+          f"{requests} requests per client; times in ms")
     print(format_header(COLUMNS), flush=True)
     limits = httpx.Limits(max_connections=max(levels) + 2, max_keepalive_connections=max(levels) + 2)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
 
         async def request() -> tuple[float, list[float], str | None]:
             """(send time, arrival time of each token, error or None) of one streaming completion."""
-            prompt = torch.randint(3, 32000, (args.prompt_tokens,), generator=generator).tolist()
-            body = {"model": name, "prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0,
+            prompt = torch.randint(3, 32000, (prompt_tokens,), generator=generator).tolist()
+            body = {"model": name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
                     "ignore_eos": True, "logprobs": 0, "stream": True}
             times: list[float] = []
             sent = time.perf_counter()
@@ -206,11 +166,11 @@ async def _levels(args: argparse.Namespace, levels: list[int], name: str, url: s
                         return sent, times, chunk["error"]["message"]
                     logprobs = chunk["choices"][0]["logprobs"] if chunk["choices"] else None
                     times.extend([now] * len(logprobs["tokens"] if logprobs else ()))
-            error = None if len(times) == args.new_tokens else f"{len(times)} of {args.new_tokens} tokens"
+            error = None if len(times) == new_tokens else f"{len(times)} of {new_tokens} tokens"
             return sent, times, error
 
         async def client_loop() -> list[tuple[float, list[float], str | None]]:
-            return [await request() for _ in range(args.requests)]
+            return [await request() for _ in range(requests)]
 
         async def batch_stats() -> tuple[float, float]:
             values = parse((await client.get("/metrics")).text)

@@ -1,18 +1,22 @@
-"""Checkpoint layouts (HF, sharded, fused, native, native .pth, December 2023 stacked), round trips and errors."""
+"""mixtral.io.checkpoint and mixtral.io.layouts: checkpoint layouts (HF, sharded, fused, native, native .pth,
+December 2023 stacked), round trips through transformers, errors, and the streaming safetensors writer."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mixtral
 from mixtral.errors import CheckpointError
-from mixtral.io.checkpoint import (native_layout, permute_to_interleaved, permute_to_rotate_half, save_hf,
-                                   save_native)
+from mixtral.io.checkpoint import SafetensorsReader, TensorPlan, save_hf, save_native, write_safetensors
+from mixtral.io.layouts import native_layout, permute_to_interleaved, permute_to_rotate_half
 
-from conftest import hf_mistral, hf_mixtral, transformers
+from conftest import hf_mistral, hf_mixtral
+
+transformers = pytest.importorskip("transformers")
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -120,7 +124,7 @@ def test_save_is_atomic_and_leaves_no_temporaries(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint
     save_hf(mixtral.load(path, progress=False), tmp_path, max_shard_bytes=20_000)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert not [n for n in names if n.endswith(".tmp")]
+    assert not [n for n in names if n.startswith(".") or ".tmp" in n]
     assert "model.safetensors.index.json" in names and len([n for n in names if n.startswith("model-")]) > 1
     _assert_same_logits(_logits(mixtral.load(tmp_path, progress=False)), _logits(mixtral.load(path, progress=False)))
 
@@ -158,22 +162,17 @@ def test_missing_tensor(hf_checkpoint, tmp_path):
         mixtral.load(d, progress=False)
 
 
-def test_shape_disagrees_with_config(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("field, value, error", [
+    ("intermediate_size", 40, r"model\.safetensors: tensor '.*experts\.0\.w1\.weight' has shape \[48, 32\], "
+                              r"config expects \[40, 32\]"),
+    ("num_hidden_layers", 1, r"unexpected tensor 'model\.layers\.1\."),
+], ids=["shape", "unexpected-tensor"])
+def test_config_disagrees_with_the_weights(hf_checkpoint, tmp_path, field, value, error):
     d = _copy(hf_checkpoint[0], tmp_path)
     config = json.loads((d / "config.json").read_text())
-    config["intermediate_size"] = 40
+    config[field] = value
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*experts\.0\.w1\.weight' has shape "
-                                              r"\[48, 32\], config expects \[40, 32\]"):
-        mixtral.load(d, progress=False)
-
-
-def test_unexpected_tensor(hf_checkpoint, tmp_path):
-    d = _copy(hf_checkpoint[0], tmp_path)
-    config = json.loads((d / "config.json").read_text())
-    config["num_hidden_layers"] = 1
-    (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.1\."):
+    with pytest.raises(CheckpointError, match=error):
         mixtral.load(d, progress=False)
 
 
@@ -209,3 +208,56 @@ def test_bad_config_json(tmp_path):
 def test_unknown_preset():
     with pytest.raises(CheckpointError, match="'mixtral-1x1b'.*presets: mixtral-8x7b"):
         mixtral.load("mixtral-1x1b")
+
+
+# ---- the safetensors writer ----------------------------------------------------------------------------------
+
+def _plan(name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorPlan:
+    return TensorPlan(name, tuple(tensor.shape), dtype or tensor.dtype, lambda: tensor)
+
+
+def test_written_tensors_read_back_by_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(2, 6, 4, generator=g)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 3, generator=g).half(), "i8": torch.randint(-127, 128, (5, 3), dtype=torch.int8),
+        "u8": torch.randint(0, 256, (9,), dtype=torch.uint8), "i64": torch.arange(3), "bool": torch.tensor([True]),
+        "scalar": torch.tensor(2.5), "empty": torch.empty(0, 4, dtype=torch.bfloat16),
+        "w1": w13[1, :3], "w3": w13[1, 3:], "transposed": w13[0].t(),  # views sharing one storage
+    }
+    plans = [_plan(name, t) for name, t in tensors.items()] + [_plan("as_bf16", w13[0], torch.bfloat16)]
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, plans, {"format": "pt", "note": "x"})
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]
+    loaded = load_file(path)
+    assert set(loaded) == {*tensors, "as_bf16"}
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    assert torch.equal(loaded["as_bf16"], w13[0].to(torch.bfloat16))
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+    reader = SafetensorsReader(path)
+    try:
+        for name, tensor in tensors.items():
+            assert torch.equal(reader.read(name), tensor), name
+            start = reader.entries[name][2]
+            assert start % tensor.element_size() == 0, name  # each tensor aligned to its element size
+    finally:
+        reader.close()
+
+
+def test_a_failed_write_leaves_no_file_and_no_temporary(tmp_path):
+    def fail() -> torch.Tensor:
+        raise RuntimeError("interrupted")
+
+    path = tmp_path / "model.safetensors"
+    plans = [_plan("a", torch.ones(4)), TensorPlan("b", (4,), torch.float32, fail)]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_safetensors(path, plans)
+    assert not list(tmp_path.iterdir())
+    write_safetensors(path, [_plan("a", torch.ones(4))])
+    with pytest.raises(AssertionError, match="made shape"):  # a tensor that is not what its plan said
+        write_safetensors(path, [TensorPlan("a", (5,), torch.float32, lambda: torch.ones(4))])
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert torch.equal(load_file(path)["a"], torch.ones(4))  # the old file is kept whole

@@ -1,4 +1,5 @@
-"""What int8 and int4 weight-only quantization cost in accuracy, and what their kernels gain in time.
+"""`mixtral bench quant-accuracy`: what int8 and int4 weight-only quantization cost in accuracy, and what their
+kernels gain in time.
 
 Accuracy: one model (default: the random-init preset "small" in bf16; --model PATH for a checkpoint) runs
 held-out text (default: modules of Python's standard library, which every machine has) in windows, unquantized
@@ -16,27 +17,28 @@ structure to lose either).
 at 1 and 16 rows, bf16 F.linear (and mixtral.kernels.matmul, the model's bf16 path) against int8 and int4 at each
 group size, as the model calls them (`QuantizedWeight.linear`, casts included).
 
-    python benchmarks/quant_accuracy.py
-    python benchmarks/quant_accuracy.py --model default --corpus data/corpus   # the trained default model
-    python benchmarks/quant_accuracy.py --kernels --threads 2
+    mixtral bench quant-accuracy
+    mixtral bench quant-accuracy --model default --corpus data/corpus   # the trained default model
+    mixtral bench quant-accuracy --kernels --threads 2
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
-import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-import mixtral
 from mixtral import kernels, quant
-from mixtral.bench import cache_flusher
+from mixtral.bench.harness import cache_flusher, command_line, cpu_times
+from mixtral.data.shards import TokenShards
+from mixtral.errors import InputError
+from mixtral.io.loading import load, load_tokenizer
 
 STDLIB_FILES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py", "typing.py",
                 "pathlib.py", "json/decoder.py", "collections/__init__.py", "logging/__init__.py")
@@ -44,25 +46,24 @@ STDLIB_FILES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", 
 
 def corpus_windows(directory: str, n_tokens: int, window: int) -> torch.Tensor:
     """Validation windows of a prepared corpus (`mixtral data prepare`), the same number from each domain."""
-    from mixtral.data.shards import TokenShards
-
     val = TokenShards(directory, "val")
     per_domain = max(1, n_tokens // window // len(val.domains))
     rows = [inputs for d in val.domains for inputs, _ in val.windows(d, window, per_domain)]
     return torch.stack(rows)
 
 
-def held_out_tokens(files: list[str] | None, n_tokens: int) -> torch.Tensor:
-    """The first `n_tokens` ids of the files (default: standard-library modules), Mixtral tokenizer."""
+def held_out_tokens(files: Sequence[str] | None, n_tokens: int) -> torch.Tensor:
+    """The first `n_tokens` ids of the files (default: standard-library modules), Mixtral tokenizer. Raises
+    InputError when they hold fewer."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     paths = [Path(f) for f in files] if files else [stdlib / f for f in STDLIB_FILES if (stdlib / f).exists()]
-    tokenizer = mixtral.load_tokenizer()
+    tokenizer = load_tokenizer()
     ids: list[int] = []
     for path in paths:
         ids += tokenizer.encode(path.read_text(errors="replace"), bos=not ids)
         if len(ids) >= n_tokens:
             return torch.tensor(ids[:n_tokens])
-    raise SystemExit(f"only {len(ids)} tokens in {', '.join(map(str, paths))}; pass --tokens or more --text")
+    raise InputError(f"only {len(ids)} tokens in {', '.join(map(str, paths))}; pass fewer --tokens or more --text")
 
 
 @torch.no_grad()
@@ -80,33 +81,43 @@ def quantized_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def accuracy(args: argparse.Namespace) -> None:
-    if args.corpus:
-        windows = corpus_windows(args.corpus, args.tokens, args.window)
+def accuracy(*, model: str = "small", dtype: str = "bf16", text: Sequence[str] | None = None,
+             corpus: str | None = None, tokens: int = 4096, window: int = 256, batch: int = 4,
+             modes: Sequence[str] = quant.MODES, group_sizes: Sequence[int] = quant.GROUP_SIZES) -> dict:
+    """Logits of `model` (loaded in `dtype`) on `tokens` held-out tokens (the validation split of the prepared
+    `corpus`, else the `text` files, default standard-library modules) in windows of `window` (`batch` windows per
+    forward), unquantized, in float32, and quantized to each of `modes` (int4 at each of `group_sizes`); prints
+    the table as it goes. Returns {"benchmark": "quant-accuracy", "rows": [{"weights", "mb", "rel", "max", "ppl",
+    "top1", "seconds"}]}."""
+    if corpus:
+        windows = corpus_windows(corpus, tokens, window)
     else:
-        windows = held_out_tokens(args.text, args.tokens).view(-1, args.window)
-    settings = [("none", None)] + [(m, g) for m in args.modes.split(",")
-                                   for g in ([None] if m == "int8" else [int(g) for g in args.group_sizes.split(",")])]
-    if args.dtype not in ("fp32", "float32"):
+        windows = held_out_tokens(text, tokens).view(-1, window)
+    settings = [("none", None)] + [(m, g) for m in modes for g in ([None] if m == "int8" else group_sizes)]
+    if dtype not in ("fp32", "float32"):
         settings.insert(1, ("fp32", None))  # how far mere rounding moves this model: the scale for the rest
-    print(f"model {args.model} ({args.dtype}), {windows.numel()} tokens in {len(windows)} windows of {args.window}")
+    print(f"model {model} ({dtype}), {windows.numel()} tokens in {len(windows)} windows of {window}")
     print(f"{'weights':<12}{'MB':>8}{'rel err':>10}{'max |Δ|':>10}{'ppl':>12}{'Δppl':>9}{'top-1':>8}{'s':>7}")
     ref = base_ppl = None
+    rows = []
     for mode, group in settings:
-        model = mixtral.load(args.model, dtype="fp32" if mode == "fp32" else args.dtype, progress=False)
+        net = load(model, dtype="fp32" if mode == "fp32" else dtype, progress=False)
         if mode in quant.MODES:
-            quant.quantize(model, mode, group_size=group or 128)
+            quant.quantize(net, mode, group_size=group or 128)
         start = time.perf_counter()
-        logits = logits_of(model, windows, args.batch)
+        logits = logits_of(net, windows, batch)
         seconds = time.perf_counter() - start
         if ref is None:
             ref = logits
         m = metrics(logits, ref, windows)
         base_ppl = base_ppl or m["ppl"]
-        name = {"none": args.dtype, "fp32": "fp32"}.get(mode, mode + (f" g{group}" if group else ""))
-        print(f"{name:<12}{quantized_bytes(model) / 1e6:>8.1f}{m['rel']:>10.4f}{m['max']:>10.3f}{m['ppl']:>12.1f}"
+        name = {"none": dtype, "fp32": "fp32"}.get(mode, mode + (f" g{group}" if group else ""))
+        mb = quantized_bytes(net) / 1e6
+        print(f"{name:<12}{mb:>8.1f}{m['rel']:>10.4f}{m['max']:>10.3f}{m['ppl']:>12.1f}"
               f"{100 * (m['ppl'] / base_ppl - 1):>+8.2f}%{100 * m['top1']:>7.1f}%{seconds:>7.1f}", flush=True)
-        del model
+        rows.append({"weights": name, "mb": mb, **m, "seconds": seconds})
+        del net
+    return {"benchmark": "quant-accuracy", "rows": rows}
 
 
 class OtherProcesses:
@@ -119,7 +130,7 @@ class OtherProcesses:
     @staticmethod
     def _now() -> tuple[float, float] | None:
         try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+            fields = cpu_times()
         except (OSError, ValueError):
             return None
         busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
@@ -152,13 +163,17 @@ def best_of(candidates: dict, x: torch.Tensor, min_seconds: float, flush) -> dic
     return {name: 1000 * t for name, t in best.items()}
 
 
-def kernel_timings(args: argparse.Namespace) -> None:
-    groups = [int(g) for g in args.group_sizes.split(",")]
-    rows = [int(r) for r in args.rows.split(",")]
+def kernel_timings(*, rows: Sequence[int] = (1, 16), group_sizes: Sequence[int] = quant.GROUP_SIZES,
+                   min_seconds: float = 1.0) -> dict:
+    """The best ms of one product through Mixtral-8x7B's w1+w3 and w2 at each of `rows`: bf16 (F.linear and ours)
+    against int8 and int4 at each of `group_sizes`, about `min_seconds` per candidate, cold cache; prints the table
+    as it goes. Returns {"benchmark": "quant-kernels", "rows": [{"weight", "rows", "ms": {candidate: ms}}]}."""
+    groups = list(group_sizes)
     flush = cache_flusher()
     others = OtherProcesses()
     names = ["bf16 F.linear", "bf16 mixtral"] + ["int8"] + [f"int4 g{g}" for g in groups]
     print(f"{'weight':<14}{'rows':>5}" + "".join(f"{n:>15}" for n in names) + "   (best ms; speedup vs bf16 F.linear)")
+    results = []
     for n, k in [(28672, 4096), (4096, 14336)]:  # w1+w3 fused, w2 of Mixtral-8x7B
         g = torch.Generator().manual_seed(0)
         w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
@@ -170,39 +185,16 @@ def kernel_timings(args: argparse.Namespace) -> None:
                                                                                                 group_size=group or 128)
         for m in rows:
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-            ms = best_of(candidates, x, args.min_seconds, flush)
+            ms = best_of(candidates, x, min_seconds, flush)
             cells = "".join(f"{ms[name]:>8.2f} {ms['bf16 F.linear'] / ms[name]:>4.1f}x" for name in names)
             print(f"{n}x{k:<8}{m:>5}{cells}", flush=True)
-    print(f"# other processes used {others.share():.0%} of the CPUs meanwhile" if others.share() is not None else "")
+            results.append({"weight": f"{n}x{k}", "rows": m, "ms": ms})
+    share = others.share()
+    print(f"# other processes used {share:.0%} of the CPUs meanwhile" if share is not None else "")
+    return {"benchmark": "quant-kernels", "rows": results, "other_processes": share}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", help="preset or checkpoint directory (default: small)")
-    parser.add_argument("--dtype", default="bf16", help="dtype of the unquantized model (default: bf16)")
-    parser.add_argument("--text", nargs="*", metavar="FILE", help="held-out text files (default: stdlib modules)")
-    parser.add_argument("--corpus", metavar="DIR", help="use the validation split of this prepared corpus instead "
-                                                        "(e.g. data/corpus for the default model, which trained on "
-                                                        "the standard library)")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens of held-out text (default: 4096)")
-    parser.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
-    parser.add_argument("--batch", type=int, default=4, help="windows per forward pass (default: 4)")
-    parser.add_argument("--modes", default="int8,int4", help="comma-separated (default: int8,int4)")
-    parser.add_argument("--group-sizes", default="32,64,128,256", help="int4 group sizes (default: all four)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    parser.add_argument("--kernels", action="store_true", help="time the kernels instead of measuring accuracy")
-    parser.add_argument("--rows", default="1,16", help="rows of x for --kernels (default: 1,16)")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="timing per cell for --kernels")
-    args = parser.parse_args(argv)
-    if args.tokens % args.window:
-        parser.error(f"--tokens {args.tokens} is not a multiple of --window {args.window}")
-    torch.set_num_threads(args.threads)
-    command = " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"# {datetime.date.today()}  python benchmarks/quant_accuracy.py {command}"
-          f"  torch {torch.__version__}  threads {args.threads}  cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    kernel_timings(args) if args.kernels else accuracy(args)
-
-
-if __name__ == "__main__":
-    main()
+def print_header() -> None:
+    """The first line of either table: date, command, torch, threads and the CPU capability torch dispatches to."""
+    print(f"# {datetime.date.today()}  {command_line()}  torch {torch.__version__}  threads {torch.get_num_threads()}"
+          f"  cpu capability {torch.backends.cpu.get_cpu_capability()}")

@@ -1,20 +1,31 @@
-"""Peak memory while loading a checkpoint: ours against transformers, each in a fresh process.
+"""`mixtral bench load-memory`: peak memory while loading a checkpoint: ours against transformers, each in a
+fresh process.
 
 Writes a random Mixtral-shaped checkpoint of about `--gb` GB (bf16, HF layout, one safetensors file) unless
 `--path` names an existing one, then loads it in a child process per loader and reports
 (peak RSS - RSS before loading) / bytes of the weights, where "before" is taken after each loader has built
 one tiny model (so the one-off loading of libraries is not counted).
 
-    python benchmarks/load_memory.py --gb 1.0
+    mixtral bench load-memory --gb 1.0
+
+tests/test_memory.py runs `write_checkpoint` and `measure` at 0.4 GB as a regression test of our loader.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mixtral.config import from_name, with_overrides
+from mixtral.io.checkpoint import save_hf
+from mixtral.model import random_model
+
+LOADERS = ("mixtral", "transformers")
 
 CHILD = r"""
 import json, sys, time
@@ -48,52 +59,41 @@ print(json.dumps({"before_kb": before, "peak_kb": status_kb("VmHWM"), "after_kb"
 
 
 def write_checkpoint(path: Path, gb: float) -> int:
-    """A random bf16 checkpoint of about `gb` GB; returns the bytes of its weights."""
-    import torch
-
-    from mixtral.config import from_name, with_overrides
-    from mixtral.io.checkpoint import save_hf
-    from mixtral.model import Transformer
-
+    """A random bf16 checkpoint of about `gb` GB in the HF layout (one safetensors file) at `path`; returns the
+    bytes of its weights."""
     base = with_overrides(from_name("mixtral-8x7b"), dim=1024, hidden_dim=3584, n_heads=8, n_kv_heads=2)
     per_layer = 8 * 3 * 1024 * 3584 + 1024 * 128 * 20
     embeddings = 2 * 32000 * 1024
     n_layers = max(1, round((gb * 1e9 / 2 - embeddings) / per_layer))
-    config = with_overrides(base, n_layers=n_layers)
-    with torch.device("meta"):
-        model = Transformer(config).to(torch.bfloat16)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    model = random_model(with_overrides(base, n_layers=n_layers), seed=0, dtype=torch.bfloat16)
     save_hf(model, path, max_shard_bytes=10 * 1024 ** 3)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def measure(path: Path, loader: str) -> dict:
+    """{"before_kb", "peak_kb", "after_kb", "seconds"} of loading `path` with `loader` ("mixtral" or
+    "transformers") in a fresh process: its resident memory before, at the peak, after, and the load's time."""
     out = subprocess.run([sys.executable, "-c", CHILD, loader, str(path)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=1.0, help="size of the checkpoint to write (default 1.0)")
-    parser.add_argument("--path", type=Path, help="measure this checkpoint instead of writing one")
-    parser.add_argument("--loaders", default="mixtral,transformers", help="comma-separated: mixtral,transformers")
-    args = parser.parse_args(argv)
+def run(*, gb: float = 1.0, path: Path | None = None, loaders: Sequence[str] = LOADERS) -> dict:
+    """Write a checkpoint of about `gb` GB into a temporary directory (or measure the existing `path`), then
+    `measure` it with each of `loaders`; prints the table as it goes. Returns {"benchmark": "load-memory",
+    "weight_bytes", "rows": [{"loader", "grown_bytes", "ratio", "seconds"}]}."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.path or Path(tmp) / "ckpt"
-        if args.path is None:
-            weight_bytes = write_checkpoint(path, args.gb)
+        checkpoint = path or Path(tmp) / "ckpt"
+        if path is None:
+            weight_bytes = write_checkpoint(checkpoint, gb)
         else:
-            weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        print(f"checkpoint: {path}  weights: {weight_bytes / 1e9:.3f} GB")
+            weight_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+        print(f"checkpoint: {checkpoint}  weights: {weight_bytes / 1e9:.3f} GB")
         print(f"{'loader':<14}{'peak - before (GB)':>20}{'ratio to weights':>18}{'seconds':>10}")
-        for loader in args.loaders.split(","):
-            r = measure(path, loader)
+        for loader in loaders:
+            r = measure(checkpoint, loader)
             grown = (r["peak_kb"] - r["before_kb"]) * 1024
-            print(f"{loader:<14}{grown / 1e9:>20.3f}{grown / weight_bytes:>18.2f}{r['seconds']:>10.2f}")
-
-
-if __name__ == "__main__":
-    main()
+            print(f"{loader:<14}{grown / 1e9:>20.3f}{grown / weight_bytes:>18.2f}{r['seconds']:>10.2f}", flush=True)
+            rows.append({"loader": loader, "grown_bytes": grown, "ratio": grown / weight_bytes,
+                         "seconds": r["seconds"]})
+    return {"benchmark": "load-memory", "weight_bytes": weight_bytes, "rows": rows}

@@ -1,0 +1,69 @@
+"""mixtral.io.loading: the one "preset unless it is a path" rule, "default", and the model + tokenizer loader the
+commands use (its notes go to a logger, not to stderr)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral.config import PRESETS
+from mixtral.errors import CheckpointError, InputError
+from mixtral.io.loading import (DEFAULT_MODEL_DIR, NOTES_LOGGER, inspect_model, is_preset, load,
+                                load_model_and_tokenizer, resolve_model)
+from mixtral.io.tokenizer import Tokenizer
+from mixtral.model import Transformer
+
+
+def test_a_preset_name_is_a_preset_unless_it_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_preset("tiny") and not is_preset("default") and not is_preset("nope")
+    assert not is_preset(Path("tiny"))  # a Path is always a path
+    (tmp_path / "tiny").mkdir()
+    assert not is_preset("tiny")
+    # load and inspect_model follow the same rule: ./tiny is now read as a (broken) checkpoint directory.
+    with pytest.raises(CheckpointError, match="tiny"):
+        load("tiny")
+    with pytest.raises(CheckpointError, match="tiny"):
+        inspect_model("tiny")
+
+
+def test_default_means_the_bundled_model(tmp_path, monkeypatch):
+    assert resolve_model("default") == DEFAULT_MODEL_DIR
+    assert inspect_model("default")[1].directory == DEFAULT_MODEL_DIR
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    assert resolve_model("default") == "default"  # a directory of that name here wins
+
+
+def test_unknown_names_and_settings_are_named():
+    with pytest.raises(CheckpointError, match="'mixtral-9x9b' is neither an existing checkpoint directory nor a "
+                                              "preset"):
+        inspect_model("mixtral-9x9b")
+    with pytest.raises(InputError, match="unknown dtype 'fp8'"):
+        load("tiny", dtype="fp8")
+    with pytest.raises(InputError, match="'int3'"):
+        load("tiny", quantize="int3")
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_load_model_and_tokenizer_logs_its_notes():
+    notes, records = logging.getLogger(NOTES_LOGGER), Records()
+    notes.addHandler(records)  # on the logger itself: `mixtral` (the command) may have stopped it propagating
+    try:
+        model, tokenizer = load_model_and_tokenizer("tiny", dtype="bf16", progress=False)
+    finally:
+        notes.removeHandler(records)
+    assert isinstance(model, Transformer) and isinstance(tokenizer, Tokenizer)
+    assert model.config == PRESETS["tiny"] and model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert [r.levelno for r in records.records] == [logging.WARNING]
+    assert "random weights" in records.records[0].getMessage()

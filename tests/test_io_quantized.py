@@ -1,0 +1,121 @@
+"""mixtral.io.quantized: the quantized checkpoint written and read back exactly (both modes, both dtypes, int4
+padding, tied embeddings), its portable file form, and the errors naming the tensor or field at fault."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mixtral
+from mixtral import kernels, quant
+from mixtral.config import PRESETS
+from mixtral.errors import CheckpointError, InputError
+from mixtral.io.quantized import FORMAT_VERSION, read_quantization_config, save_quantized
+from mixtral.model import Transformer
+
+from conftest import float_logits, rel_error, token_ids
+
+MODES = ["int8", "int4"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset, dtype", [("tiny", "bf16"), ("tiny-dense", "fp32")])
+def test_save_load_round_trip(tmp_path, mode, preset, dtype):
+    model = mixtral.load(preset, dtype=dtype, quantize=mode)
+    ids = token_ids()
+    save_quantized(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "mixtral", "format_version": 1, "mode": mode,
+                                             "group_size": 128 if mode == "int4" else None,
+                                             "targets": ["experts", "attention", "output"]}
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["layers.0.moe.w13.qweight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    assert tensors["layers.0.attention_norm.weight"].dtype == model.tok_embeddings.weight.dtype
+    loaded = mixtral.load(tmp_path)
+    assert quant.quantization_of(loaded) == quant.quantization_of(model)
+    assert torch.equal(float_logits(loaded, ids), float_logits(model, ids))
+
+
+def test_int4_pads_inputs_that_fill_no_whole_group(tmp_path):
+    # The default model's experts have 688 inputs in w2, 5.375 groups of 128: stored as 6, the padding columns
+    # copies of the last real one, multiplied by zero inputs.
+    model = mixtral.load("tiny", dtype="bf16")
+    model = Transformer(dataclasses.replace(model.config, hidden_dim=688)).init_weights(0).to(torch.bfloat16)
+    ids = token_ids()
+    want = float_logits(model, ids)
+    quant.quantize(model, "int4")
+    w2 = model.layers[0].moe.w2
+    assert (w2.in_features, w2.stored_in_features, w2.scales.shape[-1]) == (688, 768, 6)
+    assert w2[0].dequantize().shape == (64, 688)
+    assert rel_error(float_logits(model, ids), want) < 0.2
+    save_quantized(model, tmp_path)
+    assert torch.equal(float_logits(mixtral.load(tmp_path), ids), float_logits(model, ids))
+
+
+def test_portable_int4_file_form(tmp_path):
+    model = mixtral.load("tiny", quantize="int4")
+    save_quantized(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    q = kernels.unpack_int4(tensors["output.qweight"])
+    w = quant.dequantize_int4(q, tensors["output.scales"], tensors["output.zeros"])
+    assert torch.equal(w.to(torch.bfloat16), model.output.weight)
+
+
+@pytest.mark.parametrize("targets", [["experts", "attention"], ["experts", "output"]])
+def test_tied_embeddings_round_trip(tmp_path, targets):
+    # A float output shares the embeddings' tensor again after loading; a quantized one has its own buffers.
+    config = dataclasses.replace(PRESETS["tiny"], tie_embeddings=True)
+    model = quant.quantize(Transformer(config).init_weights(0).eval(), "int8", targets=targets)
+    save_quantized(model, tmp_path)
+    loaded = mixtral.load(tmp_path)
+    if "output" in targets:
+        assert isinstance(loaded.output, quant.QuantizedLinear)
+    else:
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+    assert torch.equal(float_logits(loaded, token_ids()), float_logits(model, token_ids()))
+
+
+def test_load_dtype_override(tmp_path):
+    save_quantized(mixtral.load("tiny", dtype="bf16", quantize="int8"), tmp_path)
+    loaded = mixtral.load(tmp_path, dtype="fp32")
+    assert loaded.tok_embeddings.weight.dtype == torch.float32 and loaded.output.scales.dtype == torch.float32
+    assert float_logits(loaded, token_ids()).dtype == torch.float32
+
+
+def test_quantized_checkpoint_errors(tmp_path):
+    save_quantized(mixtral.load("tiny", quantize="int4"), tmp_path)
+    with pytest.raises(InputError, match="already quantized to int4"):
+        mixtral.load(tmp_path, quantize="int8")
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["layers.1.moe.w2.zeros"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'layers\.1\.moe\.w2\.zeros'"):
+        mixtral.load(tmp_path)
+    tensors["layers.1.moe.w2.zeros"] = torch.zeros(3, dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'layers\.1\.moe\.w2\.zeros'.*expected"):
+        mixtral.load(tmp_path)
+
+
+def test_bad_quantization_config(tmp_path):
+    save_quantized(mixtral.load("tiny", quantize="int8"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert read_quantization_config(tmp_path) == config["quantization_config"]
+    config["quantization_config"]["format_version"] = FORMAT_VERSION + 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: quantization format_version 2 is not 1"):
+        mixtral.load(tmp_path)
+    config["quantization_config"].update(format_version=FORMAT_VERSION, mode="int3")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: bad quantization_config .*'int3'"):
+        mixtral.load(tmp_path)
+
+
+def test_save_takes_only_a_quantized_model(tmp_path):
+    with pytest.raises(InputError, match="save_quantized"):
+        save_quantized(mixtral.load("tiny"), tmp_path)
+    assert read_quantization_config(tmp_path) is None and not list(tmp_path.iterdir())
