@@ -177,11 +177,14 @@ def init_weights_(module: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Mod
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            init_parameter_(name, p, generator, std)
     return module
+
+
+def init_parameter_(name: str, p: torch.Tensor, generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """Fill the parameter `name` (or a part of it: the draws of consecutive parts, in order, are the draws of the
+    whole) as `init_weights_` does: norm weights with 1, the rest from N(0, std). Returns `p`."""
+    return p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, std, generator=generator)
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype = torch.float32, *,

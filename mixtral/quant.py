@@ -8,13 +8,14 @@ llama.cpp keep it in full precision too), the embeddings or the norms.
     int4: asymmetric (min-max), a scale and a zero    w[o, k] = (q[o, k] - 8) · scale[o, g] + zero[o, g]  q in 0..15
           per group of `group_size` inputs, g = k // group_size (the convention of torch's int4 kernels too)
 
-This module does the maths of quantizing (`quantize_int8`, `quantize_int4`) and swaps the model's modules for
-`QuantizedLinear` / `QuantizedExperts`, whose buffers each product hands to the CPU backend as a
+This module does the maths of quantizing (`quantize_int8`, `quantize_int4`; `quantize_into` puts one matrix into its
+slot of a quantized module, the one path both `quantize` and the quantize-while-loading readers take) and swaps the
+model's modules for `QuantizedLinear` / `QuantizedExperts`, whose buffers each product hands to the CPU backend as a
 `mixtral.kernels.QuantizedWeight`: the backend picks the kernel by the rows of x (int8: torch's int8 kernel, int4:
 gemv.c's GEMV, for few rows; the weight expanded to bf16 + torch's GEMM from there; in a MoE layer on AMX, amx.c
-expanding the experts' weights into its tiles; `mixtral.kernels.quantized` and `policy` have the crossovers).
-Scales and zeros are bf16 numbers, rounded *before* the integers are computed, so every kernel multiplies by
-exactly the stored values.
+expanding the experts' weights into its tiles; `mixtral.kernels.quantized` and `policy` have the crossovers). Scales
+and zeros are bf16 numbers, rounded *before* the integers are computed, so every kernel multiplies by exactly the
+stored values.
 
 In memory the int4 integers are already in the layout of quantized checkpoints, so loading them is a straight
 read. Saving and loading quantized models: `mixtral.io.quantized` (the file format is described there).
@@ -28,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral import kernels
+from mixtral.config import ModelConfig
 from mixtral.errors import InputError
 from mixtral.kernels import QuantizedWeight
 from mixtral.kernels import dequantize_int4, dequantize_int8  # noqa: F401 (re-exported beside quantize_int4/8)
-from mixtral.model import Transformer
+from mixtral.model import Transformer, empty_model
 from mixtral.moe import MoE
 
 MODES = ("int8", "int4")
@@ -39,6 +41,7 @@ TARGETS = ("experts", "attention", "output")
 GROUP_SIZES = (32, 64, 128, 256)  # multiples of gemv_int4's 32-weight blocks
 _BF16_TINY = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group: any nonzero value works
 _ATTENTION = ("wq", "wk", "wv", "wo")
+_BLOCK_ELEMENTS = 1 << 20  # weights quantized at a time by `quantize_into`: float32 temporaries of 4 MB each
 
 
 # ---- one matrix: quantize (dequantizing is the backend's: mixtral.kernels.packing) ----------------------------
@@ -141,26 +144,35 @@ class QuantizedExperts(_Quantized):
         return self._weight(e)
 
 
-def _quantize_stack(w: torch.Tensor, mode: str, group_size: int | None, padded: int) -> list[torch.Tensor]:
-    """The in-memory buffers for w [out, in] or [n, out, in], one matrix at a time (the float32 temporaries are
-    one matrix, not the stack): int8 [qweight, scales in w's dtype]; int4 [qweight packed, scales, zeros], its
-    columns padded to `padded` with copies of the last one."""
-    stack = w if w.dim() == 3 else w[None]
-    buffers: list[torch.Tensor] | None = None
-    for i, matrix in enumerate(stack):
-        if mode == "int8":
-            q, scales = quantize_int8(matrix)
-            parts = [q, scales.to(w.dtype)]
-        else:
-            if padded > matrix.shape[-1]:
-                matrix = F.pad(matrix.float()[None], (0, padded - matrix.shape[-1]), mode="replicate")[0]
-            q, scales, zeros = quantize_int4(matrix, group_size)
-            parts = [kernels.pack_int4(q), scales, zeros]
-        if buffers is None:
-            buffers = [p.new_empty(len(stack), *p.shape) for p in parts]
-        for buffer, part in zip(buffers, parts):
-            buffer[i] = part
-    return buffers if w.dim() == 3 else [b[0] for b in buffers]
+def quantize_into(module: "_Quantized", index: int | None, weight: torch.Tensor) -> None:
+    """Quantize one matrix `weight` [out, in] (any float dtype, on the CPU) into `module`'s buffers: expert `index`
+    of a QuantizedExperts, or (index None) a QuantizedLinear's whole matrix. The one place a matrix is quantized,
+    by `quantize` and by the loaders that quantize while reading. int4 columns are padded to the module's stored
+    width with copies of the last one. The int4 bias is not updated: call `module.refresh()` once every slot is
+    filled (one pass over the stack instead of one per expert)."""
+    slot = () if index is None else (index,)
+    # Rows are quantized independently, so a block of rows at a time gives the same result with float32
+    # temporaries of a bounded size instead of several copies of the matrix (an output head is the largest).
+    step = max(1, _BLOCK_ELEMENTS // weight.shape[-1])
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], step):
+            rows = slice(start, start + step)
+            _quantize_rows(module, (*slot, rows), weight[rows])
+
+
+def _quantize_rows(module: "_Quantized", where: tuple, weight: torch.Tensor) -> None:
+    if module.mode == "int8":
+        q, scales = quantize_int8(weight)
+        module.qweight[where].copy_(q)
+        module.scales[where].copy_(scales)  # the buffer's dtype is the model's; the values stay bf16 numbers
+        return
+    padded = module.stored_in_features
+    if padded > weight.shape[-1]:
+        weight = F.pad(weight.float()[None], (0, padded - weight.shape[-1]), mode="replicate")[0]
+    q, scales, zeros = quantize_int4(weight, module.group_size)
+    module.qweight[where].copy_(kernels.pack_int4(q))
+    module.scales[where].copy_(scales)
+    module.zeros[where].copy_(zeros)
 
 
 def int4_layout(in_features: int, group_size: int) -> tuple[int, int]:
@@ -170,11 +182,32 @@ def int4_layout(in_features: int, group_size: int) -> tuple[int, int]:
     return group, -(-in_features // group) * group
 
 
+def empty_quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[_Quantized],
+                    device: str | torch.device | None = None) -> _Quantized:
+    """A `cls` module for a weight of w's shape and dtype ([out, in], or [n, out, in] for QuantizedExperts; a meta
+    tensor will do), its buffers uninitialised on `device` (default: w's), to fill with `quantize_into`."""
+    *lead, n, in_features = w.shape
+    group, k = int4_layout(in_features, group_size) if mode == "int4" else (None, in_features)
+    device = w.device if device is None else device
+    if mode == "int8":
+        qweight = torch.empty(*lead, n, k, dtype=torch.int8, device=device)
+        scales = torch.empty(*lead, n, dtype=w.dtype, device=device)
+        zeros = None
+    else:
+        qweight = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device)
+        scales = torch.empty(*lead, n, k // group, dtype=torch.bfloat16, device=device)
+        zeros = torch.empty_like(scales)
+    return cls(mode, qweight, scales, zeros, group, n, in_features)
+
+
 def _quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[_Quantized]) -> _Quantized:
-    group, padded = int4_layout(w.shape[-1], group_size) if mode == "int4" else (None, w.shape[-1])
-    with torch.no_grad():
-        qweight, scales, *zeros = (b.to(w.device) for b in _quantize_stack(w.detach().cpu(), mode, group, padded))
-    return cls(mode, qweight, scales, zeros[0] if zeros else None, group, w.shape[-2], w.shape[-1])
+    # Quantized on the CPU one matrix at a time (the float32 temporaries are one matrix, not the stack).
+    module = empty_quantized(w, mode, group_size, cls, device="cpu")
+    w = w.detach()
+    for i, matrix in enumerate(w if cls is QuantizedExperts else [w]):
+        quantize_into(module, i if cls is QuantizedExperts else None, matrix.cpu())
+    module.refresh()
+    return module.to(w.device)
 
 
 def quantize_linear(linear: nn.Linear, mode: str, *, group_size: int = 128) -> QuantizedLinear:
@@ -201,17 +234,10 @@ def check_settings(mode: str, targets: Iterable[str], group_size: int) -> tuple[
     return targets
 
 
-def _quantize_moe(moe: MoE, mode: str, group_size: int) -> None:
-    for attr in ("w13", "w2"):
-        quantized = _quantized(getattr(moe, attr), mode, group_size, QuantizedExperts)
-        delattr(moe, attr)  # frees the float weight before the next one is quantized
-        setattr(moe, attr, quantized)
-
-
 def quantization_plan(module: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Module, str]]:
     """(name, parent, attribute) of every matrix `targets` selects in a Transformer or a single MoE: the attribute
     is "moe" for an MoE's expert stacks (w13 and w2), else the name of the nn.Linear on `parent`. What `quantize`
-    replaces, and what the quantized-checkpoint loader replaces on the meta device before allocating.
+    replaces, and what `empty_quantized_model` replaces on the meta device before allocating.
     Raises InputError for a module that is neither."""
     if isinstance(module, MoE):
         return [("", module, "moe")] if "experts" in targets else []
@@ -235,21 +261,48 @@ def quantize(module: nn.Module, mode: str, *, group_size: int = 128,
     mode: "int8" (per-channel) or "int4" (groups of `group_size` inputs: 32, 64, 128 or 256; a matrix with fewer
     inputs uses one group per row). targets: any of "experts", "attention", "output". The router, embeddings and
     norms stay as they are. Each float weight is freed as soon as its replacement exists, so the peak is the model
-    plus one quantized matrix stack (and one float32 matrix of temporaries).
+    plus one quantized matrix stack (and float32 temporaries of a block of rows, `quantize_into`). The loaders
+    quantize while reading instead (`empty_quantized_model` + `quantize_into`), with the same result.
     Raises InputError for an unknown mode, target or group size, or a module already quantized.
     """
     targets = check_settings(mode, targets, group_size)
     if any(isinstance(m, _Quantized) for m in module.modules()):
         raise InputError("this model is already quantized; load the unquantized weights to quantize again")
-    for name, parent, attr in quantization_plan(module, targets):
-        if attr == "moe":
-            _quantize_moe(parent, mode, group_size)
-            continue
-        linear = getattr(parent, attr)
-        setattr(parent, attr, _quantized(linear.weight, mode, group_size, QuantizedLinear))
-    module.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None,
-                           "targets": list(targets)}
+    _swap(module, mode, group_size, targets, _quantized)
+    module.quantization = _settings(mode, group_size, targets)
     return module
+
+
+def _settings(mode: str, group_size: int | None, targets: Iterable[str]) -> dict:
+    return {"mode": mode, "group_size": group_size if mode == "int4" else None, "targets": list(targets)}
+
+
+def _swap(model: nn.Module, mode: str, group_size: int, targets: tuple[str, ...], make) -> None:
+    """Replace each matrix `targets` selects by make(float weight, mode, group_size, cls), freeing each float
+    weight before the next one is made."""
+    for _, parent, attr in quantization_plan(model, targets):
+        if attr != "moe":
+            setattr(parent, attr, make(getattr(parent, attr).weight, mode, group_size, QuantizedLinear))
+            continue
+        for w in ("w13", "w2"):
+            quantized = make(getattr(parent, w), mode, group_size, QuantizedExperts)
+            delattr(parent, w)
+            setattr(parent, w, quantized)
+
+
+def empty_quantized_model(config: ModelConfig, dtype: torch.dtype, mode: str, *, group_size: int = 128,
+                          targets: Iterable[str] = TARGETS) -> Transformer:
+    """A Transformer (`mixtral.model.empty_model`, uninitialised memory) whose `targets` are already empty quantized
+    modules: the float weights they replace are never allocated. Loaders fill the plain tensors in place and the
+    quantized modules with `quantize_into` (then `refresh()`). Its `quantization_of` is set.
+    Raises InputError for an unknown mode, target or group size."""
+    targets = check_settings(mode, targets, group_size)
+    model = empty_model(config, dtype, on_meta=lambda m: _swap(m, mode, group_size, targets, empty_quantized))
+    model.quantization = _settings(mode, group_size, targets)
+    return model
+
+
+Quantized = QuantizedLinear | QuantizedExperts  # the modules `quantize` puts in a model
 
 
 def quantization_of(model: nn.Module) -> dict | None:

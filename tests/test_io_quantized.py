@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import mixtral
 from mixtral import kernels, quant
 from mixtral.config import PRESETS
 from mixtral.errors import CheckpointError, InputError
+from mixtral.io.checkpoint import save_hf, save_native
 from mixtral.io.quantized import FORMAT_VERSION, read_quantization_config, save_quantized
 from mixtral.model import Transformer
 
@@ -119,3 +121,69 @@ def test_save_takes_only_a_quantized_model(tmp_path):
     with pytest.raises(InputError, match="save_quantized"):
         save_quantized(mixtral.load("tiny"), tmp_path)
     assert read_quantization_config(tmp_path) is None and not list(tmp_path.iterdir())
+
+
+# ---- quantizing while loading an unquantized checkpoint or preset ----------------------------------------------
+
+def _assert_same_tensors(got: torch.nn.Module, want: torch.nn.Module) -> None:
+    tensors = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}  # noqa: E731 (int4 bias too)
+    got_t, want_t = tensors(got), tensors(want)
+    assert sorted(got_t) == sorted(want_t)
+    for name, tensor in want_t.items():
+        assert got_t[name].dtype == tensor.dtype and torch.equal(got_t[name], tensor), name
+    assert quant.quantization_of(got) == quant.quantization_of(want)
+
+
+def _stacked(native_dir, out_dir, n_layers: int, n_experts: int):
+    # The December 2023 release: each layer's experts stacked into [experts * hidden, dim], w2 blocks transposed.
+    state = load_file(native_dir / "consolidated.safetensors")
+    stacked = {k.replace("feed_forward.gate", "block_sparse_moe.gate"): v for k, v in state.items()
+               if ".feed_forward.experts." not in k}
+    for layer in range(n_layers):
+        for w in ("w1", "w2", "w3"):
+            blocks = [state[f"layers.{layer}.feed_forward.experts.{e}.{w}.weight"] for e in range(n_experts)]
+            stacked[f"layers.{layer}.block_sparse_moe.{w}"] = torch.cat([b.T if w == "w2" else b for b in blocks])
+    out_dir.mkdir()
+    save_file(stacked, out_dir / "consolidated.safetensors")
+    (out_dir / "params.json").write_text((native_dir / "params.json").read_text())
+    return out_dir
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout, preset, tied, hidden", [
+    (layout, *case) for layout in ("hf", "native")
+    for case in (("tiny", False, None), ("tiny", True, None), ("tiny-dense", False, None), ("tiny", False, 688))
+] + [("stacked", "tiny", False, None)])  # hidden 688: int4 pads w2's inputs to whole groups
+def test_quantize_while_loading_equals_quantize_after(tmp_path, mode, layout, preset, tied, hidden):
+    config = dataclasses.replace(PRESETS[preset], tie_embeddings=tied, hidden_dim=hidden or PRESETS[preset].hidden_dim)
+    model = Transformer(config).init_weights(1).to(torch.bfloat16)
+    path = (save_hf if layout == "hf" else save_native)(model, tmp_path / "ckpt")
+    if layout == "stacked":
+        path = _stacked(path, tmp_path / "dec", config.n_layers, config.n_experts)
+    # dtype float32 too: the staged matrices are converted from the file's bf16 exactly as the float model's are
+    for dtype in (None, "fp32"):
+        want = quant.quantize(mixtral.load(path, dtype=dtype, progress=False), mode)
+        _assert_same_tensors(mixtral.load(path, dtype=dtype, progress=False, quantize=mode), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_quantized_preset_equals_quantize_after(mode, preset):
+    for dtype, seed in ((None, 0), ("bf16", 5)):
+        want = quant.quantize(mixtral.load(preset, dtype=dtype, seed=seed), mode)
+        _assert_same_tensors(mixtral.load(preset, dtype=dtype, seed=seed, quantize=mode), want)
+
+
+def test_quantize_while_loading_errors_are_unchanged(tmp_path):
+    path = save_hf(Transformer(PRESETS["tiny"]).init_weights(0).to(torch.bfloat16), tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    key = "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+    for change, message in ((lambda t: t.pop(key), rf"missing tensor '{re.escape(key)}'"),
+                            (lambda t: t.update({key: t[key][:-1]}), rf"model\.safetensors: tensor '{re.escape(key)}'"
+                                                                      r" has shape \[.*\], config expects")):
+        broken = dict(tensors)
+        change(broken)
+        save_file(broken, path / "model.safetensors")
+        for mode in (None, "int4"):
+            with pytest.raises(CheckpointError, match=message):
+                mixtral.load(path, progress=False, quantize=mode)

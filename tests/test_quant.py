@@ -254,3 +254,26 @@ def test_gradient_through_a_quantized_linear(mode, rows):
     loss.backward()
     want = linear.weight.float().sum(0).expand(rows, 128)
     assert rel_error(x.grad.float(), want) < 6e-3
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_into_fills_one_slot_as_quantize_does(monkeypatch, mode):
+    # Blocks of rows (here 3 rows of 100 inputs, not a divisor of 70) give the same bytes as the whole matrix.
+    monkeypatch.setattr(quant, "_BLOCK_ELEMENTS", 300)
+    stack = torch.randn(3, 70, 100, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    module = quant.empty_quantized(stack, mode, 64, quant.QuantizedExperts)
+    for e in (2, 0, 1):  # any order: each slot is its own
+        quant.quantize_into(module, e, stack[e])
+    module.refresh()
+    for e in range(3):
+        if mode == "int8":
+            q, scales = quant.quantize_int8(stack[e])
+            want = [q, scales.to(stack.dtype)]
+        else:
+            padded = F.pad(stack[e].float()[None], (0, 28), mode="replicate")[0]
+            q, scales, zeros = quant.quantize_int4(padded, 64)
+            want = [kernels.pack_int4(q), scales, zeros]
+        got = [module.qweight[e], module.scales[e]] + ([module.zeros[e]] if mode == "int4" else [])
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    if mode == "int4":
+        assert torch.equal(module.bias, kernels.int4_bias(module.scales, module.zeros))

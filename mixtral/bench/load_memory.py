@@ -35,10 +35,10 @@ def status_kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1])
-loader, path = sys.argv[1], sys.argv[2]
+loader, path, quantize = sys.argv[1], sys.argv[2], (sys.argv[3:] or [None])[0]
 if loader == "mixtral":
     import mixtral
-    load = lambda: mixtral.load(path, progress=False)
+    load = lambda: mixtral.load(path, progress=False, quantize=quantize)
     def warm_up():  # the loader builds models on the meta device; the first use imports ~70 MB of torch code
         with torch.device("meta"):
             mixtral.Transformer(mixtral.from_name("tiny")).to(torch.bfloat16)
@@ -53,27 +53,32 @@ before = status_kb("VmRSS")
 start = time.perf_counter()
 model = load()
 seconds = time.perf_counter() - start
+model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if t is not None)
 print(json.dumps({"before_kb": before, "peak_kb": status_kb("VmHWM"), "after_kb": status_kb("VmRSS"),
-                  "seconds": seconds}))
+                  "seconds": seconds, "model_bytes": model_bytes}))
 """
 
 
-def write_checkpoint(path: Path, gb: float) -> int:
-    """A random bf16 checkpoint of about `gb` GB in the HF layout (one safetensors file) at `path`; returns the
-    bytes of its weights."""
-    base = with_overrides(from_name("mixtral-8x7b"), dim=1024, hidden_dim=3584, n_heads=8, n_kv_heads=2)
+def write_checkpoint(path: Path, gb: float, vocab_size: int = 32000) -> int:
+    """A random bf16 checkpoint of about `gb` GB in the HF layout (one safetensors file) at `path`, Mixtral-shaped
+    with 1024 dims and experts of 3584 hidden units (a smaller `vocab_size` leaves the experts more of the bytes);
+    returns the bytes of its weights."""
+    base = with_overrides(from_name("mixtral-8x7b"), dim=1024, hidden_dim=3584, n_heads=8, n_kv_heads=2,
+                          vocab_size=vocab_size)
     per_layer = 8 * 3 * 1024 * 3584 + 1024 * 128 * 20
-    embeddings = 2 * 32000 * 1024
+    embeddings = 2 * vocab_size * 1024
     n_layers = max(1, round((gb * 1e9 / 2 - embeddings) / per_layer))
     model = random_model(with_overrides(base, n_layers=n_layers), seed=0, dtype=torch.bfloat16)
     save_hf(model, path, max_shard_bytes=10 * 1024 ** 3)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measure(path: Path, loader: str) -> dict:
-    """{"before_kb", "peak_kb", "after_kb", "seconds"} of loading `path` with `loader` ("mixtral" or
-    "transformers") in a fresh process: its resident memory before, at the peak, after, and the load's time."""
-    out = subprocess.run([sys.executable, "-c", CHILD, loader, str(path)], capture_output=True, text=True, check=True)
+def measure(path: Path, loader: str, quantize: str | None = None) -> dict:
+    """{"before_kb", "peak_kb", "after_kb", "seconds", "model_bytes"} of loading `path` with `loader` ("mixtral"
+    or "transformers"; "mixtral" quantizing while loading when `quantize` is "int8" or "int4") in a fresh process:
+    its resident memory before, at the peak, after, the load's time and the bytes of the loaded model's tensors."""
+    args = [sys.executable, "-c", CHILD, loader, str(path), *([quantize] if quantize else [])]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -10,8 +10,9 @@ The layouts are told apart by the config file, their variants (fused or stacked 
 Memory: safetensors files are read tensor by tensor straight into the model's preallocated parameters with
 plain reads. A memory map would count every page it touched towards the process's RSS until it is closed, so
 loading one big file through a map peaks at twice the weights; reading into place peaks at the weights plus
-one tensor (plus one tensor when a dtype conversion or permutation needs a staging copy). Saving streams too:
-the weights plus one tensor in the file's dtype.
+one tensor (plus one tensor when a dtype conversion or permutation needs a staging copy). Quantizing while
+loading (`load_checkpoint(..., quantize=...)`) peaks at the quantized model plus one staged float matrix.
+Saving streams too: the weights plus one tensor in the file's dtype.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 from tqdm import tqdm
 
+from mixtral import quant
 from mixtral.config import (ModelConfig, dtype_name, from_hf_dict, from_params_dict, read_json, to_hf_dict,
                             to_params_dict)
 from mixtral.errors import CheckpointError
@@ -245,11 +247,15 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    progress: bool = True) -> Transformer:
+                    progress: bool = True, quantize: str | None = None) -> Transformer:
     """Read a checkpoint directory (either layout) into a Transformer in eval mode.
 
-    dtype: the parameters' dtype; None keeps the checkpoint's own. Raises CheckpointError naming the file and
-    tensor for missing, unexpected, misshapen or truncated tensors; ConfigError for a bad config file.
+    dtype: the parameters' dtype; None keeps the checkpoint's own. quantize: "int8" or "int4" quantizes while
+    reading (`mixtral.quant.quantize`'s defaults, the same result): the model is built with its quantized modules
+    in place, and each matrix they own is read into a staging buffer, quantized into its slot and freed, so the
+    float weights are never all in memory (`_Staging`). Raises CheckpointError naming the file and tensor for
+    missing, unexpected, misshapen or truncated tensors; ConfigError for a bad config file; InputError for an
+    unknown `quantize`.
     """
     files = find_checkpoint(path)
     readers = []
@@ -272,12 +278,19 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
             raise CheckpointError(f"{files.directory}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
         if dtype is None:
             dtype = where[next(iter(layout))].dtype(next(iter(layout)))
-        model = empty_model(files.config, dtype)  # each parameter allocated once, already in `dtype`
+        # Each parameter allocated once, already in `dtype`; quantized modules instead of the float matrices.
+        model = (empty_model(files.config, dtype) if quantize is None
+                 else quant.empty_quantized_model(files.config, dtype, quantize))
         params = dict(model.named_parameters(remove_duplicate=False))
+        staging = _Staging(model, dtype)
         with torch.no_grad():
             for key, target in tqdm(layout.items(), desc=f"loading {files.directory.name}", unit="tensor",
                                     disable=not progress, leave=False):
-                _load_one(where[key], key, target, params[target.param])
+                if target.param in params:
+                    _load_one(where[key], key, target, params[target.param])
+                else:
+                    staging.load(where[key], key, target)
+            staging.finish()
     finally:
         for reader in readers:
             reader.close()
@@ -305,6 +318,52 @@ def _load_one(reader, key: str, target: Target, param: torch.Tensor) -> None:
     if target.transform is not None:
         tensor = target.transform(tensor)
     dest.copy_(tensor)
+
+
+class _Staging:
+    """Fills a model's quantized modules from float checkpoint tensors, one staged matrix at a time.
+
+    A target that names an expert (index (e, ...): per-expert layouts) is read into a float buffer of that one
+    matrix; w1 and w3 of expert e are the two halves of w13[e], so the buffer waits until both are in, then is
+    quantized into slot e and freed. A target without an expert index (a fused or stacked layout, a linear) stages
+    the whole stack or matrix. So the float memory in use is one matrix (one stack for the stacked layouts).
+    """
+
+    def __init__(self, model: Transformer, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, quant.Quantized)}
+        self.pending: dict[tuple[str, int | None], tuple[torch.Tensor, int]] = {}  # -> (buffer, elements read)
+
+    def load(self, reader, key: str, target: Target) -> None:
+        name = target.param if target.param in self.modules else target.param.rsplit(".", 1)[0]
+        module = self.modules[name]  # the layouts name `P.weight` for a linear, `P` for an expert stack
+        experts = isinstance(module, quant.QuantizedExperts)
+        per_expert = experts and target.index and isinstance(target.index[0], int)
+        slot = target.index[0] if per_expert else None
+        if (name, slot) not in self.pending:
+            shape = (module.out_features, module.in_features)
+            shape = (len(module), *shape) if experts and not per_expert else shape
+            self.pending[name, slot] = (torch.empty(shape, dtype=self.dtype), 0)
+        buffer, done = self.pending[name, slot]
+        part = Target(target.param, target.index[1:] if per_expert else target.index, target.transform,
+                      target.transposed)
+        _load_one(reader, key, part, buffer)
+        done += part.select(buffer).numel()
+        if done < buffer.numel():
+            self.pending[name, slot] = (buffer, done)
+            return
+        del self.pending[name, slot]  # the buffer goes once quantized
+        for i, matrix in ([(slot, buffer)] if per_expert else enumerate(buffer) if experts else [(None, buffer)]):
+            quant.quantize_into(module, i, matrix)
+
+    def finish(self) -> None:
+        """Quantize a tied output from the embeddings (the checkpoint has no matrix of its own for it), and
+        recompute what derives from the filled buffers."""
+        if self.model.config.tie_embeddings and "output" in self.modules:
+            quant.quantize_into(self.modules["output"], None, self.model.tok_embeddings.weight)
+        assert not self.pending, f"tensors left half read: {sorted(self.pending)}"  # the layouts cover each matrix
+        for module in self.modules.values():
+            module.refresh()
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------

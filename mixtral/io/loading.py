@@ -21,7 +21,7 @@ from mixtral.io.quantized import load_quantized, read_quantization_config
 from mixtral.io.tokenizer import DIR_CANDIDATES, Tokenizer
 from mixtral.io.tokenizer import PRESETS as TOKENIZER_PRESETS
 from mixtral.io.tokenizer import load_tokenizer as _load_tokenizer
-from mixtral.model import Transformer
+from mixtral.model import Transformer, init_parameter_
 
 log = logging.getLogger("mixtral")
 # What a user should know about what was loaded (a preset's weights are random, the tokenizer was guessed), at
@@ -67,8 +67,12 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     wrote), "default" (the trained model bundled with mixtral) or a preset name.
 
     A preset gives a randomly initialised model (seeded with `seed`, float32 unless `dtype` says otherwise).
-    quantize: "int8" or "int4" quantizes the weights after loading (`mixtral.quant.quantize`, default settings;
-    peak memory: the unquantized model plus one quantized layer). A quantized checkpoint loads as it was saved.
+    quantize: "int8" or "int4" quantizes the weights while loading, with `mixtral.quant.quantize`'s default
+    settings and its exact result. The float matrices are never all in memory: each is staged, quantized into
+    place and freed, so the peak is the quantized model plus one float matrix (one expert's; a whole stack for the
+    stacked-expert native layout of December 2023), plus float32 temporaries of 4 MB blocks of rows; a preset
+    draws each matrix in float32 (`random_quantized`). A quantized checkpoint loads as it was saved.
+    device: the model is loaded on the CPU, then moved there.
     Raises CheckpointError/ConfigError with the file, key or preset at fault; InputError for a bad `dtype` or
     `quantize`.
     """
@@ -77,7 +81,9 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     if quantize is not None and quantize not in quant.MODES:
         raise InputError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(quant.MODES)}")
     path, saved = Path(path_or_preset), None
-    if is_preset(path_or_preset):
+    if is_preset(path_or_preset) and quantize is not None:
+        model = random_quantized(from_name(path_or_preset), quantize, seed, dtype or torch.float32).to(device)
+    elif is_preset(path_or_preset):
         model = Transformer(from_name(path_or_preset)).init_weights(seed)
         model = model.to(device=device, dtype=dtype or torch.float32).eval()
     elif not path.exists():
@@ -88,11 +94,39 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
                              f"{quantize} (load the unquantized checkpoint instead)")
         model = load_quantized(path, dtype=dtype, device=device)
     else:
-        model = load_checkpoint(path, dtype=dtype, device=device, progress=progress)
+        model = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
     if quantize is not None and saved is None:
-        model = quant.quantize(model, quantize)
         kernels.prefer_huge_pages(model, collapse=True)  # the quantized weights were written as they were made
     return model
+
+
+def random_quantized(config: ModelConfig, mode: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
+    """What `Transformer(config).init_weights(seed).to(dtype)` then `quant.quantize(model, mode)` gives (equal
+    tensor for tensor), in eval mode, without the float model: each quantized matrix is drawn in float32 one at a
+    time (one expert of a stack; the draws of consecutive experts are the draws of the stack), converted to `dtype`,
+    quantized into its slot and freed. Peak memory: the quantized model plus one float32 matrix (the largest plain
+    tensor, the embeddings, is drawn in float32 too). Raises InputError for an unknown `mode`."""
+    model = quant.empty_quantized_model(config, dtype, mode)
+    params = dict(model.named_parameters())
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, quant.Quantized)}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        order = Transformer(config).named_parameters()  # the float model's, which init_weights follows
+    with torch.no_grad():
+        for name, meta in order:
+            if name in params:
+                params[name].copy_(init_parameter_(name, torch.empty(meta.shape), generator))
+                continue
+            module = quantized[name] if name in quantized else quantized[name.rsplit(".", 1)[0]]
+            slots = range(len(module)) if isinstance(module, quant.QuantizedExperts) else [None]
+            for slot in slots:
+                matrix = init_parameter_(name, torch.empty(meta.shape[-2:]), generator)
+                quant.quantize_into(module, slot, matrix.to(dtype))
+        if config.tie_embeddings and "output" in quantized:
+            quant.quantize_into(quantized["output"], None, model.tok_embeddings.weight)
+        for module in quantized.values():
+            module.refresh()
+    return model.eval()
 
 
 def load_tokenizer(path_or_preset: str | os.PathLike | None = None) -> Tokenizer:

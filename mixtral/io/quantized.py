@@ -27,15 +27,15 @@ import torch
 from torch import nn
 
 from mixtral import quant
-from mixtral.config import ModelConfig, dtype_name, from_hf_dict, read_json, to_hf_dict
+from mixtral.config import dtype_name, from_hf_dict, read_json, to_hf_dict
 from mixtral.errors import CheckpointError, InputError
 from mixtral.io.checkpoint import SafetensorsReader, TensorPlan, write_safetensors
 from mixtral.io.files import write_json
-from mixtral.model import Transformer, empty_model
+from mixtral.model import Transformer
 
 FORMAT_VERSION = 1
 
-Quantized = quant.QuantizedLinear | quant.QuantizedExperts  # the modules `quantize` puts in a model
+Quantized = quant.Quantized
 
 
 def _file_shapes(module: Quantized) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -133,45 +133,12 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     try:
         if dtype is None:
             dtype = reader.dtype("tok_embeddings.weight") if "tok_embeddings.weight" in reader.entries else None
-        model = _empty_quantized(config, settings["mode"], settings["group_size"] or 128, targets, dtype)
+        model = quant.empty_quantized_model(config, dtype or torch.float32, settings["mode"],
+                                            group_size=settings["group_size"] or 128, targets=targets)
         _read_into(model, reader)
     finally:
         reader.close()
-    model.quantization = {"mode": settings["mode"], "group_size": settings["group_size"], "targets": list(targets)}
     return model.to(device).eval()
-
-
-def _empty_quantized(config: ModelConfig, mode: str, group_size: int, targets: tuple[str, ...],
-                     dtype: torch.dtype | None) -> Transformer:
-    """A Transformer with uninitialised memory whose `targets` are quantized modules of the right shapes."""
-
-    def swap(model: Transformer) -> None:  # on the meta device: the float weights are never allocated
-        for _, parent, attr in quant.quantization_plan(model, targets):
-            if attr == "moe":
-                for w in ("w13", "w2"):
-                    module = _empty_module(getattr(parent, w), mode, group_size, quant.QuantizedExperts)
-                    delattr(parent, w)
-                    setattr(parent, w, module)
-            else:
-                linear = getattr(parent, attr)
-                setattr(parent, attr, _empty_module(linear.weight, mode, group_size, quant.QuantizedLinear))
-
-    return empty_model(config, dtype or torch.float32, on_meta=swap)
-
-
-def _empty_module(w: torch.Tensor, mode: str, group_size: int, cls: type[Quantized]) -> Quantized:
-    """A quantized module for a weight of w's shape, on the meta device."""
-    *lead, n, in_features = w.shape
-    group, k = quant.int4_layout(in_features, group_size) if mode == "int4" else (None, in_features)
-    if mode == "int8":
-        qweight = torch.empty(*lead, n, k, dtype=torch.int8, device="meta")
-        scales = torch.empty(*lead, n, dtype=w.dtype, device="meta")
-        zeros = None
-    else:
-        qweight = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device="meta")
-        scales = torch.empty(*lead, n, k // group, dtype=torch.bfloat16, device="meta")
-        zeros = torch.empty_like(scales)
-    return cls(mode, qweight, scales, zeros, group, n, in_features)
 
 
 def _read_into(model: Transformer, reader: SafetensorsReader) -> None:
