@@ -71,8 +71,9 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 # ---- the modules that replace the model's ----------------------------------------------------------------------
 
-class _Quantized(nn.Module):
-    """Buffers of one matrix ([out, in]) or a stack of them ([n_experts, out, in]), quantized.
+class Quantized(nn.Module):
+    """What `quantize` puts in a model (`QuantizedLinear`, `QuantizedExperts`): the buffers of one matrix
+    ([out, in]) or of a stack of them ([n_experts, out, in]), quantized.
 
     int8: qweight int8 [..., out, in] and scales [..., out] in the model's dtype (so `.to(dtype)` keeps them with
     the activations; their values are bf16 numbers whatever the dtype).
@@ -120,7 +121,7 @@ class _Quantized(nn.Module):
         return f"{self.mode}, in_features={self.in_features}, out_features={self.out_features}{group}"
 
 
-class QuantizedLinear(_Quantized):
+class QuantizedLinear(Quantized):
     """Replaces a bias-free nn.Linear (attention projections, output)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,7 @@ class QuantizedLinear(_Quantized):
         return self._weight().dequantize()
 
 
-class QuantizedExperts(_Quantized):
+class QuantizedExperts(Quantized):
     """Replaces an MoE's stacked expert weight (w13 or w2): `len()` experts, `[e]` one `QuantizedWeight`."""
 
     def __len__(self) -> int:
@@ -144,7 +145,7 @@ class QuantizedExperts(_Quantized):
         return self._weight(e)
 
 
-def quantize_into(module: "_Quantized", index: int | None, weight: torch.Tensor) -> None:
+def quantize_into(module: Quantized, index: int | None, weight: torch.Tensor) -> None:
     """Quantize one matrix `weight` [out, in] (any float dtype, on the CPU) into `module`'s buffers: expert `index`
     of a QuantizedExperts, or (index None) a QuantizedLinear's whole matrix. The one place a matrix is quantized,
     by `quantize` and by the loaders that quantize while reading. int4 columns are padded to the module's stored
@@ -160,7 +161,7 @@ def quantize_into(module: "_Quantized", index: int | None, weight: torch.Tensor)
             _quantize_rows(module, (*slot, rows), weight[rows])
 
 
-def _quantize_rows(module: "_Quantized", where: tuple, weight: torch.Tensor) -> None:
+def _quantize_rows(module: Quantized, where: tuple, weight: torch.Tensor) -> None:
     if module.mode == "int8":
         q, scales = quantize_int8(weight)
         module.qweight[where].copy_(q)
@@ -182,8 +183,8 @@ def int4_layout(in_features: int, group_size: int) -> tuple[int, int]:
     return group, -(-in_features // group) * group
 
 
-def empty_quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[_Quantized],
-                    device: str | torch.device | None = None) -> _Quantized:
+def empty_quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[Quantized],
+                    device: str | torch.device | None = None) -> Quantized:
     """A `cls` module for a weight of w's shape and dtype ([out, in], or [n, out, in] for QuantizedExperts; a meta
     tensor will do), its buffers uninitialised on `device` (default: w's), to fill with `quantize_into`."""
     *lead, n, in_features = w.shape
@@ -200,7 +201,7 @@ def empty_quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[_Quan
     return cls(mode, qweight, scales, zeros, group, n, in_features)
 
 
-def _quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[_Quantized]) -> _Quantized:
+def _quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[Quantized]) -> Quantized:
     # Quantized on the CPU one matrix at a time (the float32 temporaries are one matrix, not the stack).
     module = empty_quantized(w, mode, group_size, cls, device="cpu")
     w = w.detach()
@@ -266,7 +267,7 @@ def quantize(module: nn.Module, mode: str, *, group_size: int = 128,
     Raises InputError for an unknown mode, target or group size, or a module already quantized.
     """
     targets = check_settings(mode, targets, group_size)
-    if any(isinstance(m, _Quantized) for m in module.modules()):
+    if any(isinstance(m, Quantized) for m in module.modules()):
         raise InputError("this model is already quantized; load the unquantized weights to quantize again")
     _swap(module, mode, group_size, targets, _quantized)
     module.quantization = _settings(mode, group_size, targets)
@@ -302,7 +303,9 @@ def empty_quantized_model(config: ModelConfig, dtype: torch.dtype, mode: str, *,
     return model
 
 
-Quantized = QuantizedLinear | QuantizedExperts  # the modules `quantize` puts in a model
+def quantized_modules(model: nn.Module) -> dict[str, Quantized]:
+    """{module name: module} of the quantized modules in `model`, in `named_modules` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Quantized)}
 
 
 def quantization_of(model: nn.Module) -> dict | None:

@@ -331,7 +331,7 @@ class _Staging:
 
     def __init__(self, model: Transformer, dtype: torch.dtype):
         self.model, self.dtype = model, dtype
-        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, quant.Quantized)}
+        self.modules = quant.quantized_modules(model)
         self.pending: dict[tuple[str, int | None], tuple[torch.Tensor, int]] = {}  # -> (buffer, elements read)
 
     def load(self, reader, key: str, target: Target) -> None:

@@ -51,6 +51,16 @@ def _swiglu(w1: str, w3: str, w2: str, moe: str, expert: int, h: int) -> dict[st
             w2: Target(f"{moe}.w2", (expert,))}
 
 
+def _experts(block: str, moe: str, config: ModelConfig) -> dict[str, Target]:
+    """The keys of an MoE block stored expert by expert, the same in both layouts but for the block's name:
+    `block`.gate.weight (the router) and `block`.experts.E.w1/w3/w2.weight for each expert E."""
+    keys = {f"{block}.gate.weight": Target(f"{moe}.router.weight")}
+    for e in range(config.n_experts):
+        q = f"{block}.experts.{e}"
+        keys.update(_swiglu(f"{q}.w1.weight", f"{q}.w3.weight", f"{q}.w2.weight", moe, e, config.hidden_dim))
+    return keys
+
+
 def hf_layout(config: ModelConfig, fused_experts: bool = False) -> dict[str, Target]:
     """Checkpoint key -> Target for the Hugging Face layout (`fused_experts`: transformers 5's in-memory names;
     `save_hf` writes the released repos' per-expert names)."""
@@ -73,10 +83,7 @@ def hf_layout(config: ModelConfig, fused_experts: bool = False) -> dict[str, Tar
             keys[f"{p}.mlp.experts.gate_up_proj"] = Target(f"{ours}.moe.w13")
             keys[f"{p}.mlp.experts.down_proj"] = Target(f"{ours}.moe.w2")
         else:
-            keys[f"{p}.block_sparse_moe.gate.weight"] = Target(f"{ours}.moe.router.weight")
-            for e in range(config.n_experts):
-                q = f"{p}.block_sparse_moe.experts.{e}"
-                keys.update(_swiglu(f"{q}.w1.weight", f"{q}.w3.weight", f"{q}.w2.weight", f"{ours}.moe", e, h))
+            keys.update(_experts(f"{p}.block_sparse_moe", f"{ours}.moe", config))
     return keys
 
 
@@ -110,10 +117,7 @@ def native_layout(config: ModelConfig, stacked_experts: bool = False) -> dict[st
             keys[f"{p}.block_sparse_moe.w2"] = Target(f"{p}.moe.w2", transposed=True,
                                                       transform=lambda w: w.view(e, h, d).transpose(1, 2))
         else:
-            keys[f"{p}.feed_forward.gate.weight"] = Target(f"{p}.moe.router.weight")
-            for e in range(config.n_experts):
-                q = f"{p}.feed_forward.experts.{e}"
-                keys.update(_swiglu(f"{q}.w1.weight", f"{q}.w3.weight", f"{q}.w2.weight", f"{p}.moe", e, h))
+            keys.update(_experts(f"{p}.feed_forward", f"{p}.moe", config))
     return keys
 
 

@@ -108,7 +108,7 @@ def random_quantized(config: ModelConfig, mode: str, seed: int = 0, dtype: torch
     tensor, the embeddings, is drawn in float32 too). Raises InputError for an unknown `mode`."""
     model = quant.empty_quantized_model(config, dtype, mode)
     params = dict(model.named_parameters())
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, quant.Quantized)}
+    quantized = quant.quantized_modules(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         order = Transformer(config).named_parameters()  # the float model's, which init_weights follows

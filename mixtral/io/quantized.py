@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mixtral import quant
 from mixtral.config import dtype_name, from_hf_dict, read_json, to_hf_dict
@@ -35,10 +34,8 @@ from mixtral.model import Transformer
 
 FORMAT_VERSION = 1
 
-Quantized = quant.Quantized
 
-
-def _file_shapes(module: Quantized) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _file_shapes(module: quant.Quantized) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) in the file of the buffers of a quantized module (see the module docstring)."""
     lead = (len(module),) if isinstance(module, quant.QuantizedExperts) else ()
     n, k = module.out_features, module.stored_in_features
@@ -48,13 +45,9 @@ def _file_shapes(module: Quantized) -> dict[str, tuple[tuple[int, ...], torch.dt
     return {"qweight": (lead + (n, k // 2), torch.uint8), "scales": groups, "zeros": groups}
 
 
-def _quantized_modules(model: nn.Module) -> dict[str, Quantized]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, Quantized)}
-
-
 def _plain_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """The unquantized state: parameters and buffers outside the quantized modules (a tied output once)."""
-    quantized = _quantized_modules(model)
+    quantized = quant.quantized_modules(model)
     state = {}
     for name, tensor in model.state_dict().items():
         owner = name.rsplit(".", 1)[0]
@@ -81,7 +74,7 @@ def save_quantized(model: Transformer, path: str | os.PathLike) -> Path:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     plans = [TensorPlan(name, tuple(t.shape), t.dtype, lambda t=t: t) for name, t in _plain_tensors(model).items()]
-    for name, module in _quantized_modules(model).items():
+    for name, module in quant.quantized_modules(model).items():
         for key, (shape, dtype) in _file_shapes(module).items():
             # The writer converts to the file's dtype: in memory int8 scales are in the model's dtype.
             plans.append(TensorPlan(f"{name}.{key}", shape, dtype, lambda m=module, key=key: getattr(m, key)))
@@ -142,7 +135,7 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 
 def _read_into(model: Transformer, reader: SafetensorsReader) -> None:
-    quantized = _quantized_modules(model)
+    quantized = quant.quantized_modules(model)
     plain = _plain_tensors(model)
     expected = {name: (tuple(t.shape), None) for name, t in plain.items()}
     for name, module in quantized.items():
