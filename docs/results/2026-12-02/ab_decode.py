@@ -1,4 +1,7 @@
-"""A/B: decode tokens/s of batch 1 and 8 on the 2-layer synthetic Mixtral-8x7B, whichever mixtral is on sys.path."""
+"""A/B: decode tokens/s of batch 1 and 8 on a checkpoint, whichever mixtral is on sys.path.
+
+    PYTHONPATH=<tree> python ab_decode.py CHECKPOINT LABEL
+(run on `mixtral bench e2e --workdir DIR`'s 2-layer synthetic Mixtral-8x7B, alternating the two trees)"""
 import statistics
 import sys
 import time
@@ -8,8 +11,7 @@ import torch
 import mixtral
 
 torch.set_num_threads(2)
-model = mixtral.load("/work/main/out/bench8x7b/synthetic-mixtral-8x7b-2layers-seed0", dtype="bfloat16",
-                     progress=False)
+model = mixtral.load(sys.argv[1], dtype="bfloat16", progress=False)
 g = torch.Generator().manual_seed(0)
 out = {}
 for batch in (1, 8):
@@ -24,4 +26,4 @@ for batch in (1, 8):
         t2 = time.perf_counter()
         rates.append(batch * 24 / ((t2 - t1) - (t1 - t0)))
     out[batch] = round(statistics.median(rates), 1)
-print(sys.argv[1], "decode tok/s", out, flush=True)
+print(sys.argv[2], "decode tok/s", out, flush=True)

@@ -1,4 +1,5 @@
-"""A/B: our MoE layer at few tokens, weights from memory, in whichever mixtral is on sys.path."""
+"""A/B: our MoE layer (Mixtral-8x7B shape, bf16) at 1, 4 and 16 tokens, weights from memory, in whichever mixtral
+is on sys.path: `PYTHONPATH=<tree> python ab_moe.py LABEL`, alternating the two trees."""
 import statistics
 import sys
 import time

@@ -1,3 +1,5 @@
+"""Peak RSS and time of `mixtral.load(CHECKPOINT, quantize=MODE)` in whichever mixtral is on sys.path:
+`PYTHONPATH=<tree> python load_quantized_peak.py CHECKPOINT MODE LABEL`."""
 import resource, sys, time, torch, mixtral
 torch.set_num_threads(2)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
