@@ -27,10 +27,12 @@ from mixtral.config import DTYPE_CHOICES, PRESETS
 from mixtral.data.cli import add_data_parser
 from mixtral.errors import ContextLengthError, MixtralError
 from mixtral.generate import check_sampling, complete, stream_text
-from mixtral.io.cli import add_convert_parser, add_info_parser
-from mixtral.io.loading import DEFAULT_MODEL, MIXTRAL_VOCAB, NOTES_LOGGER, load_model_and_tokenizer
+from mixtral.io.cli import add_convert_parser, add_info_parser, add_quantize_parser, quantize_option
+from mixtral.io.loading import (DEFAULT_MODEL, MIXTRAL_VOCAB, NOTES_LOGGER, OFFLOAD_POLICIES,
+                                load_model_and_tokenizer)
 from mixtral.io.tokenizer import Tokenizer
 from mixtral.model import Transformer
+from mixtral.offload.cli import add_plan_parser, stats_lines
 from mixtral.serve.cli import add_serve_parser
 from mixtral.train.cli import add_train_parser
 
@@ -61,10 +63,24 @@ def shared_parents() -> dict[str, argparse.ArgumentParser]:
     group.add_argument("--dtype", choices=DTYPE_CHOICES,
                        help="dtype of the weights in memory (default: the checkpoint's own, float32 for presets, unless "
                             "the command's description says otherwise)")
-    group.add_argument("--quantize", choices=("int8", "int4"),
-                       help="quantize the expert, attention and output weights after loading (int8: per channel; "
-                            "int4: groups of 128); the router stays in full precision. A checkpoint saved "
-                            "quantized loads quantized without this option")
+    group.add_argument("--quantize", type=quantize_option, metavar="SPEC",
+                       help="quantize while loading: one precision for the expert, attention and output weights "
+                            "(int8: per channel; int4: groups of 128; int3, int2: groups of 64 and 16, fitted; "
+                            "a group may be named: int4:g64), or one per part: experts=int3,attention=int8 "
+                            "(parts not named stay in --dtype). The router stays in full precision. A checkpoint "
+                            "saved quantized loads quantized without this option")
+    memory = weights.add_argument_group("memory (models larger than it)")
+    memory.add_argument("--max-memory", metavar="SIZE",
+                        help="keep the weights within SIZE (e.g. 12GB): everything but the experts stays resident, "
+                             "the experts stay on disk and are read into expert slots as routing asks "
+                             "(docs/offloading.md). The KV cache comes on top")
+    memory.add_argument("--offload-policy", default="lru+predict", choices=OFFLOAD_POLICIES,
+                        help="with --max-memory: none (read every expert when needed), lru (keep the most recently "
+                             "used), lru+predict (also read the next layer's predicted experts in the background; "
+                             "default), lru+predict-after (predicted after this layer's MoE update)")
+    memory.add_argument("--offload-dir", metavar="DIR",
+                        help="with --max-memory and a model that is not a quantized checkpoint: where to write its "
+                             "expert files (default: under ~/.cache/mixtral/offload)")
     verbose = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without -v must not overwrite a `mixtral -v ...` given before it.
     verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -99,7 +115,16 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     # tqdm's bar goes to stderr; only draw it for a person watching, not into logs.
     return load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantize=args.quantize,
-                                    progress=sys.stderr.isatty())
+                                    progress=sys.stderr.isatty(), max_memory=args.max_memory,
+                                    offload_policy=args.offload_policy, offload_dir=args.offload_dir)
+
+
+def _report_offload(args: argparse.Namespace, model: Transformer) -> None:
+    """With --verbose and --max-memory: what the offloading engine did (stderr)."""
+    engine = getattr(model, "offload_engine", None)
+    if engine is not None and getattr(args, "verbose", False):
+        for line in stats_lines(engine.stats()):
+            print(line, file=sys.stderr)
 
 
 class _NoteHandler(logging.Handler):
@@ -166,9 +191,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_stream(stream_text(model, tokenizer, encode_prompt(tokenizer, prompts[0], args.chat),
                                  args.max_new_tokens, **kwargs))
         print()
+        _report_offload(args, model)
         return 0
     texts = complete(model, tokenizer, [encode_prompt(tokenizer, p, args.chat) for p in prompts],
                      args.max_new_tokens, **kwargs)
+    _report_offload(args, model)
     if len(prompts) == 1:
         print(texts[0])
         return 0
@@ -268,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_info_parser(commands, parents)
     add_convert_parser(commands, parents)
+    add_quantize_parser(commands, parents)
+    add_plan_parser(commands, parents)
     add_bench_parser(commands, parents)
     add_train_parser(commands, parents)
     add_serve_parser(commands, parents)

@@ -271,3 +271,27 @@ def parse_dtype(dtype: str | torch.dtype | None, allowed: tuple[str, ...] = tupl
 def dtype_name(dtype: torch.dtype) -> str:
     """The canonical name of a torch dtype ("bfloat16" for torch.bfloat16)."""
     return str(dtype).removeprefix("torch.")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_size(size: str | int | float, where: str = "size") -> int:
+    """Bytes of a memory size: an int, or "12GB", "8.5 GiB", "512MB" (GB = 10^9 bytes, GiB = 2^30; a bare number
+    is bytes). Raises InputError naming `where` for anything else."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        value, unit = float(size), ""
+    else:
+        text = str(size).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        value, unit = None, text[len(number):]
+        try:
+            value = float(number)
+        except ValueError:
+            pass
+        if value is None or unit not in _SIZE_UNITS:
+            raise InputError(f"{where}: {size!r} is not a size (e.g. 12GB, 8GiB, 512MB)")
+    if value <= 0:
+        raise InputError(f"{where}: {size!r} must be positive")
+    return int(value * _SIZE_UNITS[unit])

@@ -12,7 +12,9 @@ and `moe_grouped` (tokens sorted by expert once, one matmul per expert that got 
 one scatter back; in training its backward is written by hand, `GroupedSwiGLU`). Both are dropless by default:
 every token reaches all of its top-k experts. At inference each expert's SwiGLU, w2 · (silu(w1 · x) * (w3 · x)),
 is handed to the CPU backend one expert's weights at a time (`kernels.swiglu`, `kernels.experts_add`), which
-picks the kernel; the weights may be slices of the stacks or quantized (`mixtral.quant.QuantizedExperts`).
+picks the kernel; the weights may be slices of the stacks or quantized (`mixtral.quant.QuantizedExperts`). An
+offloading engine (`mixtral.offload`) keeps the experts on disk instead: it sets the layer's `offload`, which then
+runs the experts from the engine's memory slots, on the assignments `sort_by_expert` gives, as `moe_grouped` does.
 
 Training options of the Switch Transformer (Fedus et al. 2021), set on the module by the trainer and used only in
 training mode: `router_jitter` multiplies the router's input by U(1 - eps, 1 + eps) noise (section 2.4), and
@@ -181,6 +183,32 @@ def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return GroupedSwiGLU.apply(x_ext[source], w13.to(dtype), w2.to(dtype), padded)[rows]
 
 
+class Assignments(NamedTuple):
+    """A layer's (token, expert) assignments sorted by expert, as the grouped dispatch runs them."""
+    token_of: torch.Tensor  # [assignments] the token of each
+    gates: torch.Tensor  # [assignments] its gate weight
+    experts: torch.Tensor  # [assignments] its expert (ascending)
+    counts: list[int]  # assignments per expert
+
+    def slices(self):
+        """(expert, its slice of the assignments) for each expert with assignments, in order."""
+        return _slices(self.counts)
+
+
+def sort_by_expert(weights: torch.Tensor, experts: torch.Tensor, n_experts: int,
+                   kept: torch.Tensor | None = None) -> Assignments:
+    """The assignments of `route`'s (weights, experts) [tokens, top_k], sorted by expert (stable: in token order
+    within an expert). Dropped assignments (`kept` False) are sorted past the last expert and left out."""
+    top_k = experts.shape[1]
+    flat_experts = experts.reshape(-1)
+    if kept is not None:
+        flat_experts = torch.where(kept.reshape(-1), flat_experts, n_experts)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=n_experts + 1)[:n_experts].tolist()
+    order = order[:sum(counts)]
+    return Assignments(order // top_k, weights.reshape(-1)[order], flat_experts[order], counts)
+
+
 def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                 experts: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped dispatch: sort the (token, expert) assignments by expert once, run each expert on its
@@ -190,22 +218,13 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     Same arguments and result as `moe_reference`. Dropped assignments are sorted past the last expert and
     never computed.
     """
-    n_tokens, top_k = experts.shape
-    n_experts = len(w13)
-    flat_experts = experts.reshape(-1)
-    if kept is not None:
-        flat_experts = torch.where(kept.reshape(-1), flat_experts, n_experts)
-    order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=n_experts + 1)[:n_experts].tolist()
-    order = order[:sum(counts)]
-    token_of = order // top_k  # which token each sorted assignment belongs to
-    gates = weights.reshape(-1)[order]
+    a = sort_by_expert(weights, experts, len(w13), kept)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if torch.is_grad_enabled() and isinstance(w13, torch.Tensor) and (x.requires_grad or w13.requires_grad):
-        ys = _grouped_swiglu_padded(x, w13, w2, flat_experts[order], token_of, counts)
-        out.index_add_(0, token_of, ys.float() * gates[:, None])
+        ys = _grouped_swiglu_padded(x, w13, w2, a.experts, a.token_of, a.counts)
+        out.index_add_(0, a.token_of, ys.float() * a.gates[:, None])
     else:
-        kernels.experts_add(out, x, token_of, gates, [(w13[e], w2[e], s) for e, s in _slices(counts)])
+        kernels.experts_add(out, x, a.token_of, a.gates, [(w13[e], w2[e], s) for e, s in a.slices()])
     return out.to(x.dtype)
 
 
@@ -229,6 +248,9 @@ class MoE(nn.Module):
         self.dispatch = "grouped"
         self.router_jitter = 0.0
         self.capacity_factor: float | None = None
+        # Set by an offloading engine (`mixtral.offload`) whose experts live on disk, not in w13/w2:
+        # offload(x [tokens, dim], weights, experts [tokens, top_k]) -> y [tokens, dim], inference only.
+        self.offload = None
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         """y for x [..., dim]; with `return_routing`, (y, Routing), the Routing None for a dense FFN."""
@@ -243,7 +265,10 @@ class MoE(nn.Module):
         if self.training and self.capacity_factor is not None:
             limit = capacity(len(x), len(self.w13), self.top_k, self.capacity_factor)
             kept = capacity_mask(experts, len(self.w13), limit)
-        y = DISPATCH[self.dispatch](x, self.w13, self.w2, weights, experts, kept).reshape(shape)
+        if self.offload is not None:
+            y = self.offload(x, weights, experts).reshape(shape)
+        else:
+            y = DISPATCH[self.dispatch](x, self.w13, self.w2, weights, experts, kept).reshape(shape)
         return (y, Routing(logits, experts, kept)) if return_routing else y
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

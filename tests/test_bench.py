@@ -207,7 +207,20 @@ def test_quant_accuracy_on_the_tiny_preset(capsys):
     table = {line.split()[0]: line.split() for line in out.splitlines() if line[:4] in ("bf16", "fp32", "int8",
                                                                                           "int4")}
     assert set(table) == {"bf16", "fp32", "int8", "int4"} and "int4 g32" in out
-    assert float(table["bf16"][2]) == 0  # the reference row: no error against itself
+    header = next(line for line in out.splitlines() if line.startswith("weights"))
+    rel = header.split().index("rel")  # "rel err": the column after "8x7B GB"
+    assert float(table["bf16"][rel]) == 0  # the reference row: no error against itself
+    assert float(table["int4"][rel + 1]) > 0  # (int4 g32: the name takes two fields)
+    assert float(table["fp32"][3]) == 2 * float(table["bf16"][3])  # 8x7B GB, fp32 twice bf16
+
+
+def test_quant_accuracy_of_precision_mixes(capsys):
+    assert main(["bench", "quant-accuracy", "--model", "tiny", "--tokens", "64", "--window", "32", "--batch", "2",
+                 "--mixes", "experts=int3:g32,attention=int8;int8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines()}
+    # a mix weighs less than all int8 for the 8x7B, and more than nothing
+    assert 0 < float(lines["experts=int3:g32,attention=int8"][3]) < float(lines["int8"][3])
 
 
 @pytest.mark.slow

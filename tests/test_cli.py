@@ -232,7 +232,7 @@ COMMANDS = {path: sub for path, sub in _commands(build_parser())}
 
 def test_every_command_is_listed():
     top = {path[0] for path in COMMANDS}
-    assert top == {"generate", "chat", "info", "convert", "bench", "train", "serve", "data", "routes"}
+    assert top == {"generate", "chat", "info", "convert", "quantize", "plan", "bench", "train", "serve", "data", "routes"}
     assert {("routes", a) for a in ("record", "report", "html", "ablate")} <= set(COMMANDS)
     assert ("data", "prepare") in COMMANDS
 
@@ -394,3 +394,43 @@ def test_entry_point_error_exit_code(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
     assert str(tmp_path / "missing") in result.stderr
+
+
+# ---- quantize, plan, --max-memory -------------------------------------------------------------------------------
+
+def test_quantize_command_writes_a_checkpoint_that_generates_the_same(run, ckpt, tmp_path):
+    code, out, err = run("quantize", ckpt, tmp_path / "q", "--experts", "int4:g32", "--attention", "int8",
+                         "--output", "bf16")
+    assert code == 0, err
+    assert "experts int4:g32, attention int8, output float" in out
+    saved = mixtral.load(tmp_path / "q")
+    assert mixtral.quant.quantization_of(saved) == {"experts": "int4:g32", "attention": "int8", "output": None}
+    want = mixtral.load(ckpt, quantize={"experts": "int4:g32", "attention": "int8"}, progress=False)
+    ids = torch.tensor([[1, 5, 9, 200]])
+    assert torch.equal(saved(ids), want(ids))
+    code, _, err = run("quantize", ckpt, tmp_path / "q")
+    assert code == 1 and "not empty; pass --force" in err
+
+
+def test_max_memory_generates_what_the_resident_model_does(run, ckpt, tmp_path):
+    args = ("generate", "--model", ckpt, "--quantize", "int4", "--temperature", "0", "-n", "6", "Hello")
+    code, resident, _ = run(*args)
+    code, offloaded, err = run(*args, "--max-memory", "40MB", "--offload-dir", tmp_path / "x", "-v")
+    assert code == 0 and offloaded == resident
+    assert "offload:" in err and "hit rate" in err and "per step" in err
+
+
+def test_quantize_option_errors_are_usage_errors(run):
+    code, _, err = run("generate", "--quantize", "experts=int9", "Hi")
+    assert code == 2 and "unknown quantization mode 'int9'" in err
+
+
+def test_plan_prints_a_plan_within_the_budget(run, monkeypatch):
+    from mixtral.offload import plan
+    monkeypatch.setattr(plan, "measure_machine", lambda directory: plan.Machine(1.5e9, 20e9))
+    code, out, err = run("plan", "--model", "mixtral-8x7b", "--max-memory", "16GB")
+    assert code == 0, err
+    assert out.startswith("machine: disk 1.50 GB/s") and "\nplan: experts " in out and "of 16.00 GB" in out
+    assert "mixtral quantize mixtral-8x7b OUT --experts" in out
+    code, _, err = run("plan", "--model", "mixtral-8x7b", "--max-memory", "1GB")
+    assert code == 1 and "too small" in err

@@ -18,7 +18,7 @@ RANKS = [
     ("mixtral.moe", 2), ("mixtral.cache", 2),
     ("mixtral.model", 3),
     ("mixtral.quant", 4),
-    ("mixtral.io", 5),
+    ("mixtral.io", 5), ("mixtral.offload", 5),
     ("mixtral.generate", 6), ("mixtral.data", 6), ("mixtral.analysis", 6),
     ("mixtral.train", 7), ("mixtral.serve", 7),
     ("mixtral.bench", 8),

@@ -43,8 +43,8 @@ def test_unknown_names_and_settings_are_named():
         inspect_model("mixtral-9x9b")
     with pytest.raises(InputError, match="unknown dtype 'fp8'"):
         load("tiny", dtype="fp8")
-    with pytest.raises(InputError, match="'int3'"):
-        load("tiny", quantize="int3")
+    with pytest.raises(InputError, match="'int5'"):
+        load("tiny", quantize="int5")
 
 
 class Records(logging.Handler):
@@ -67,3 +67,49 @@ def test_load_model_and_tokenizer_logs_its_notes():
     assert model.config == PRESETS["tiny"] and model.tok_embeddings.weight.dtype == torch.bfloat16
     assert [r.levelno for r in records.records] == [logging.WARNING]
     assert "random weights" in records.records[0].getMessage()
+
+
+# ---- offloading: mixtral.load(..., offload=...) -------------------------------------------------------------------
+
+def test_offloaded_load_equals_the_resident_model(tmp_path):
+    from mixtral.generate import generate
+
+    resident = load("tiny", quantize="int4", seed=2)
+    offloaded = load("tiny", quantize="int4", seed=2, offload="12MB", offload_dir=tmp_path / "experts",
+                     progress=False)
+    with offloaded.offload_engine as engine:
+        assert all(layer.moe.w13 is None for layer in offloaded.layers)  # the experts are on disk only
+        ids = torch.tensor([[1, 5, 9, 200, 31], [1, 7, 3, 3, 8]])
+        assert torch.equal(offloaded(ids), resident(ids))
+        prompts = [[1, 5, 9, 200], [1, 7]]
+        assert generate(offloaded, prompts, 6) == generate(resident, prompts, 6)
+        assert engine.stats()["needed"] > 0
+    # The expert files written on first use are reused: a second load writes nothing.
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "experts").rglob("*") if p.is_file()}
+    again = load("tiny", quantize="int4", seed=2, offload="12MB", offload_dir=tmp_path / "experts")
+    again.offload_engine.close()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "experts").rglob("*") if p.is_file()} == written
+
+
+def test_offloading_a_quantized_checkpoint_reads_its_expert_files(tmp_path):
+    from mixtral.io.loading import quantize_checkpoint
+
+    quantize_checkpoint("tiny", tmp_path / "q", {"experts": "int8", "attention": "int4"}, progress=False)
+    resident = load(tmp_path / "q")
+    offloaded = load(tmp_path / "q", offload="24MB", offload_policy="lru")
+    ids = torch.tensor([[1, 5, 9, 200, 31]])
+    assert torch.equal(offloaded(ids), resident(ids))
+    offloaded.offload_engine.close()
+    with pytest.raises(InputError, match="already quantized"):
+        load(tmp_path / "q", offload="12MB", quantize="int4")
+
+
+def test_offload_budget_too_small_names_the_sizes(tmp_path):
+    with pytest.raises(InputError, match=r"budget of 1\.00 MB is too small for tiny: its resident part .* takes "
+                                         r"[\d.]+ MB and one token's 2 experts [\d.]+ MB more; give at least"):
+        load("tiny", quantize="int4", offload="1MB", offload_dir=tmp_path / "experts")
+    for bad, message in (("12XB", "not a size"), ("-1GB", "must be positive")):
+        with pytest.raises(InputError, match=message):
+            load("tiny", offload=bad)
+    with pytest.raises(InputError, match="unknown offloading policy 'mru'"):
+        load("tiny", offload="12MB", offload_policy="mru", offload_dir=tmp_path / "experts")

@@ -1,5 +1,6 @@
-"""mixtral.io.quantized: the quantized checkpoint written and read back exactly (both modes, both dtypes, int4
-padding, tied embeddings), its portable file form, and the errors naming the tensor or field at fault."""
+"""mixtral.io.quantized: the quantized checkpoint written and read back exactly (every mode, a precision per part,
+both dtypes, int4 padding, tied embeddings), its portable file form, format 1 still read, the streaming writer
+(`mixtral quantize`) equal to quantizing in memory, and the errors naming the tensor, file or field at fault."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,12 @@ from safetensors.torch import load_file, save_file
 
 import mixtral
 from mixtral import kernels, quant
-from mixtral.config import PRESETS
+from mixtral.config import PRESETS, to_hf_dict
 from mixtral.errors import CheckpointError, InputError
 from mixtral.io.checkpoint import save_hf, save_native
-from mixtral.io.quantized import FORMAT_VERSION, read_quantization_config, save_quantized
+from mixtral.io.checkpoint import TensorPlan, write_safetensors
+from mixtral.io.loading import quantize_checkpoint
+from mixtral.io.quantized import FORMAT_VERSION, experts_path, read_quantization_config, save_quantized
 from mixtral.model import Transformer
 
 from conftest import float_logits, rel_error, token_ids
@@ -29,17 +32,55 @@ def test_save_load_round_trip(tmp_path, mode, preset, dtype):
     model = mixtral.load(preset, dtype=dtype, quantize=mode)
     ids = token_ids()
     save_quantized(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "experts", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "experts").iterdir()) == [
+        f"layer-{i:03d}.experts" for i in range(model.config.n_layers)]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "mixtral", "format_version": 1, "mode": mode,
-                                             "group_size": 128 if mode == "int4" else None,
-                                             "targets": ["experts", "attention", "output"]}
+    spec = str(quant.parse_precision(mode))
+    assert config["quantization_config"] == {"quant_method": "mixtral", "format_version": 2,
+                                             "parts": dict.fromkeys(quant.TARGETS, spec)}
     tensors = load_file(tmp_path / "model.safetensors")
-    assert tensors["layers.0.moe.w13.qweight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    assert tensors["layers.0.attention.wq.qweight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
     assert tensors["layers.0.attention_norm.weight"].dtype == model.tok_embeddings.weight.dtype
+    assert not [k for k in tensors if ".moe.w" in k]  # the experts are in their own files
     loaded = mixtral.load(tmp_path)
     assert quant.quantization_of(loaded) == quant.quantization_of(model)
+    _assert_same_tensors(loaded, model)
     assert torch.equal(float_logits(loaded, ids), float_logits(model, ids))
+
+
+@pytest.mark.parametrize("parts", [
+    {"experts": "int4:g32", "attention": "int8"},
+    {"experts": "int8", "output": "int4:g64"},
+    {"attention": "int8"},  # the experts stay float: their files hold the float stacks
+])
+def test_a_precision_per_part_round_trips(tmp_path, parts):
+    model = mixtral.load("tiny", dtype="bf16", quantize=parts)
+    save_quantized(model, tmp_path)
+    loaded = mixtral.load(tmp_path)
+    assert quant.quantization_of(loaded) == quant.quantization_of(model)
+    _assert_same_tensors(loaded, model)
+    assert torch.equal(float_logits(loaded, token_ids()), float_logits(model, token_ids()))
+
+
+def _as_format_1(model, directory):
+    """What format 1 wrote: everything, the expert stacks too, in model.safetensors; mode/group_size/targets."""
+    directory.mkdir()
+    # The state dict leaves out the int4 bias (derived, not persistent), as format 1 did.
+    plans = [TensorPlan(name, tuple(t.shape), t.dtype, lambda t=t: t) for name, t in model.state_dict().items()]
+    write_safetensors(directory / "model.safetensors", plans)
+    config = to_hf_dict(model.config, "bfloat16")
+    config["quantization_config"] = {"quant_method": "mixtral", "format_version": 1, "mode": "int4",
+                                     "group_size": 128, "targets": list(quant.TARGETS)}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_format_1_is_still_read(tmp_path):
+    model = mixtral.load("tiny", dtype="bf16", quantize="int4")
+    _as_format_1(model, tmp_path / "v1")
+    loaded = mixtral.load(tmp_path / "v1")
+    _assert_same_tensors(loaded, model)
+    assert torch.equal(float_logits(loaded, token_ids()), float_logits(model, token_ids()))
 
 
 def test_int4_pads_inputs_that_fill_no_whole_group(tmp_path):
@@ -90,16 +131,29 @@ def test_load_dtype_override(tmp_path):
 
 def test_quantized_checkpoint_errors(tmp_path):
     save_quantized(mixtral.load("tiny", quantize="int4"), tmp_path)
-    with pytest.raises(InputError, match="already quantized to int4"):
+    with pytest.raises(InputError, match=r"already quantized \(experts int4:g128, .*\); it cannot be quantized to "
+                                         r"experts int8"):
         mixtral.load(tmp_path, quantize="int8")
     tensors = load_file(tmp_path / "model.safetensors")
-    del tensors["layers.1.moe.w2.zeros"]
+    del tensors["layers.1.attention.wo.zeros"]
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing tensor 'layers\.1\.moe\.w2\.zeros'"):
+    with pytest.raises(CheckpointError, match=r"missing tensor 'layers\.1\.attention\.wo\.zeros'"):
         mixtral.load(tmp_path)
-    tensors["layers.1.moe.w2.zeros"] = torch.zeros(3, dtype=torch.bfloat16)
+    tensors["layers.1.attention.wo.zeros"] = torch.zeros(3, dtype=torch.bfloat16)
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"'layers\.1\.moe\.w2\.zeros'.*expected"):
+    with pytest.raises(CheckpointError, match=r"'layers\.1\.attention\.wo\.zeros'.*expected"):
+        mixtral.load(tmp_path)
+
+
+def test_missing_or_truncated_expert_file(tmp_path):
+    save_quantized(mixtral.load("tiny", quantize="int4"), tmp_path)
+    path = experts_path(tmp_path, 1)
+    data = path.read_bytes()
+    path.write_bytes(data[:-4096])
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        mixtral.load(tmp_path)
+    path.unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
         mixtral.load(tmp_path)
 
 
@@ -109,11 +163,15 @@ def test_bad_quantization_config(tmp_path):
     assert read_quantization_config(tmp_path) == config["quantization_config"]
     config["quantization_config"]["format_version"] = FORMAT_VERSION + 1
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"config\.json: quantization format_version 2 is not 1"):
+    with pytest.raises(CheckpointError, match=r"config\.json: quantization format_version 3 is not one of 1, 2"):
         mixtral.load(tmp_path)
-    config["quantization_config"].update(format_version=FORMAT_VERSION, mode="int3")
+    config["quantization_config"].update(format_version=FORMAT_VERSION, parts={"experts": "int5"})
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"config\.json: bad quantization_config .*'int3'"):
+    with pytest.raises(CheckpointError, match=r"config\.json: bad quantization_config .*'int5'"):
+        mixtral.load(tmp_path)
+    del config["quantization_config"]["parts"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"quantization_config has no 'parts'"):
         mixtral.load(tmp_path)
 
 
@@ -187,3 +245,38 @@ def test_quantize_while_loading_errors_are_unchanged(tmp_path):
         for mode in (None, "int4"):
             with pytest.raises(CheckpointError, match=message):
                 mixtral.load(path, progress=False, quantize=mode)
+
+
+# ---- the streaming writer: `mixtral quantize` --------------------------------------------------------------------
+
+def _same_files(a, b):
+    files = lambda d: sorted(p.relative_to(d) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert files(a) == files(b)
+    for name in files(a):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("layout", ["hf", "native"])
+@pytest.mark.parametrize("parts", ["int4", {"experts": "int8", "attention": "int4:g32"}, {"output": "int8"}])
+def test_quantize_checkpoint_writes_what_saving_the_quantized_model_writes(tmp_path, layout, parts):
+    model = Transformer(PRESETS["tiny"]).init_weights(3).to(torch.bfloat16)
+    path = (save_hf if layout == "hf" else save_native)(model, tmp_path / "ckpt")
+    quantize_checkpoint(path, tmp_path / "streamed", parts, progress=False)
+    save_quantized(mixtral.load(path, quantize=parts, progress=False), tmp_path / "in-memory")
+    _same_files(tmp_path / "streamed", tmp_path / "in-memory")
+
+
+def test_quantize_checkpoint_of_a_preset(tmp_path):
+    quantize_checkpoint("tiny", tmp_path / "streamed", "int4", seed=4, progress=False)
+    save_quantized(mixtral.load("tiny", quantize="int4", seed=4), tmp_path / "in-memory")
+    _same_files(tmp_path / "streamed", tmp_path / "in-memory")
+
+
+def test_quantize_checkpoint_refuses_a_quantized_source_and_leaves_nothing(tmp_path):
+    save_quantized(mixtral.load("tiny", quantize="int8"), tmp_path / "q")
+    with pytest.raises(InputError, match="already quantized"):
+        quantize_checkpoint(tmp_path / "q", tmp_path / "out", "int4", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="'int5'"):
+        quantize_checkpoint("tiny", tmp_path / "out", "int5", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary directory left behind either

@@ -203,8 +203,43 @@ def test_quantized_model_logits_close(preset, mode, bound):
     ids = token_ids()
     reference = float_logits(mixtral.load(preset), ids)
     quantized = mixtral.load(preset, quantize=mode)
-    assert quant.quantization_of(quantized)["mode"] == mode
+    assert quant.quantization_of(quantized) == dict.fromkeys(quant.TARGETS, str(quant.parse_precision(mode)))
     assert rel_error(float_logits(quantized, ids), reference) < bound
+
+
+def test_a_precision_per_part():
+    model = quant.quantize(mixtral.load("tiny"), {"experts": "int4:g32", "attention": "int8"})
+    assert quant.quantization_of(model) == {"experts": "int4:g32", "attention": "int8", "output": None}
+    w13, wq = model.layers[0].moe.w13, model.layers[0].attention.wq
+    assert (w13.mode, w13.group_size, wq.mode) == ("int4", 32, "int8")
+    assert type(model.output) is not quant.QuantizedLinear
+    assert quant.quantization_settings(quant.quantization_of(model)) == quant.quantization_settings(
+        {"experts": "int4:g32", "attention": "int8"})  # the recorded settings read back as they were given
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("int4", "int4"),
+    ("experts=int3:g32, attention=int8", {"experts": "int3:g32", "attention": "int8"}),
+])
+def test_quantize_option(text, parts):
+    assert quant.parse_quantize_option(text) == parts
+
+
+@pytest.mark.parametrize("text, message", [
+    ("int5", "unknown quantization mode 'int5'"), ("int4:g48", "int4 group_size must be one of 32, 64, 128, 256"),
+    ("experts=int3,router=int8", "unknown part 'router'"), ("experts", "unknown quantization mode 'experts'"),
+    ("experts=", "expected PART=SPEC"), ("int8:g32", "int8 is per channel"), ("int4:hqq", "int3 and int2 only"),
+])
+def test_bad_quantize_options_are_named(text, message):
+    with pytest.raises(InputError, match=message):
+        quant.parse_quantize_option(text)
+
+
+def test_matrix_bytes_counts_what_the_kernels_read():
+    # int4 g128: half a byte per weight, a bf16 scale and zero and the float32 bias per group of 128.
+    assert quant.matrix_bytes("int4", 256, 512) == 256 * 512 // 2 + 256 * 4 * (2 + 2 + 4)
+    assert quant.matrix_bytes("int8", 256, 512) == 256 * 512 + 256 * 2
+    assert quant.matrix_bytes(None, 256, 512) == 256 * 512 * 2
 
 
 def test_targets_select_what_is_quantized():
@@ -218,14 +253,16 @@ def test_targets_select_what_is_quantized():
 
 def test_bad_arguments():
     model = mixtral.load("tiny")
-    with pytest.raises(InputError, match="'int3'"):
-        quant.quantize(model, "int3")
+    with pytest.raises(InputError, match="'int5'"):
+        quant.quantize(model, "int5")
+    with pytest.raises(InputError, match=r"quantize\['router'\]: unknown part 'router'|unknown part 'router'"):
+        quant.quantize(model, {"router": "int8"})
     with pytest.raises(InputError, match="'router'"):
         quant.quantize(model, "int8", targets=["router"])
     with pytest.raises(InputError, match="group_size"):
         quant.quantize(model, "int4", group_size=48)
-    with pytest.raises(InputError, match="'int3'"):
-        mixtral.load("tiny", quantize="int3")
+    with pytest.raises(InputError, match="'int5'"):
+        mixtral.load("tiny", quantize="int5")
     quant.quantize(model, "int8")
     with pytest.raises(InputError, match="already quantized"):
         quant.quantize(model, "int4")

@@ -156,7 +156,9 @@ def domain_sequences(args: argparse.Namespace, tokenizer) -> tuple[list[list[int
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     args.dtype = args.dtype or RUN_DTYPE  # recorded in the routes' meta as the dtype the model ran in
     model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                                                quantize=args.quantize, progress=sys.stderr.isatty())
+                                                quantize=args.quantize, progress=sys.stderr.isatty(),
+                                                max_memory=args.max_memory, offload_policy=args.offload_policy,
+                                                offload_dir=args.offload_dir)
     return model.eval(), tokenizer
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from mixtral import kernels
-from mixtral.bench import (amx_experts, cold_gemv, e2e, gemv, load_memory, moe, profile_step, quant_accuracy, serve,
+from mixtral import kernels, quant
+from mixtral.bench import (amx_experts, cold_gemv, e2e, gemv, load_memory, moe, offload, profile_step, quant_accuracy, serve,
                            train_throughput)
 from mixtral.bench.harness import (at_least, default_threads, parse_dtypes, parse_list, print_provenance,
                                    provenance, report, transformers_version)
@@ -135,8 +135,18 @@ def run_load_memory(args: argparse.Namespace) -> int:
     loaders = parse_list(args.loaders, str, "--loaders", ("mixtral", "transformers"))
     if args.path is not None and not Path(args.path).is_dir():
         raise InputError(f"--path: {args.path} is not a checkpoint directory")
-    load_memory.run(gb=args.gb, path=args.path, loaders=loaders)
+    load_memory.run(gb=args.gb, path=args.path, loaders=loaders, quantize=args.quantize, preset=args.preset,
+                    layers=args.layers, workdir=args.workdir)
     return 0
+
+
+def _mixes(text: str | None) -> dict | None:
+    """--mixes: "default" (quant_accuracy.MIXES) or ;-separated --quantize specs (experts=int3,attention=int8;int4)."""
+    if text is None:
+        return None
+    if text == "default":
+        return quant_accuracy.MIXES
+    return {item.strip(): quant.parse_quantize_option(item.strip()) for item in text.split(";") if item.strip()}
 
 
 def run_quant_accuracy(args: argparse.Namespace) -> int:
@@ -152,7 +162,8 @@ def run_quant_accuracy(args: argparse.Namespace) -> int:
         raise InputError(f"--tokens {args.tokens} is not a multiple of --window {args.window}")
     quant_accuracy.print_header()
     quant_accuracy.accuracy(model=args.model, dtype=args.dtype, text=args.text, corpus=args.corpus, tokens=args.tokens,
-                   window=args.window, batch=args.batch, modes=modes, group_sizes=group_sizes)
+                   window=args.window, batch=args.batch, modes=modes, group_sizes=group_sizes,
+                   mixes=_mixes(args.mixes))
     return 0
 
 
@@ -203,6 +214,21 @@ def run_amx_experts(args: argparse.Namespace) -> int:
     _threads(args)
     amx_experts.run(rows=rows, dim=args.dim, hidden=args.hidden, experts=args.experts, mode=args.mode,
                                group_size=args.group_size, repeats=args.repeats)
+    return 0
+
+
+def run_offload(args: argparse.Namespace) -> int:
+    models = parse_list(args.models, str, "--model")
+    budgets = parse_list(args.budgets, str, "--budgets")
+    policies = parse_list(args.policies, str, "--policies")
+    offload.check_budgets(budgets)
+    offload.check_policies(policies)
+    at_least("--tokens", args.tokens)
+    at_least("--prompt", args.prompt)
+    result = offload.run(models=models, budgets=budgets, policies=policies, prompt=args.prompt, tokens=args.tokens,
+                         threads=args.threads, offload_dir=args.offload_dir)
+    if args.json:
+        write_json(args.json, result)
     return 0
 
 
@@ -305,6 +331,11 @@ def add_part_benchmarks(add, threads: int) -> None:
     q.add_argument("--gb", type=float, default=1.0, help="size of the checkpoint to write (default: 1.0)")
     q.add_argument("--path", type=Path, help="measure this checkpoint instead of writing one")
     q.add_argument("--loaders", default="mixtral,transformers", help="comma-separated: mixtral,transformers")
+    q.add_argument("--quantize", metavar="SPEC",
+                   help="measure quantizing instead: mixtral loading with --quantize SPEC and `mixtral quantize`")
+    q.add_argument("--preset", help="write this preset's shapes (streamed, may exceed memory) instead of --gb")
+    q.add_argument("--layers", type=int, help="with --preset: cut to this many layers")
+    q.add_argument("--workdir", type=Path, help="where to write the checkpoint (default: the system's temp dir)")
 
     q = add("quant-accuracy", run_quant_accuracy, "int8/int4 quantization: accuracy, or the kernels' times",
             "quant_accuracy")
@@ -323,6 +354,10 @@ def add_part_benchmarks(add, threads: int) -> None:
     q.add_argument("--group-sizes", default="32,64,128,256", help="int4 group sizes (default: all four)")
     q.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     q.add_argument("--kernels", action="store_true", help="time the kernels instead of measuring accuracy")
+    q.add_argument("--mixes", metavar="SPECS",
+                   help="measure precision mixes instead of --modes: 'default' (all int8, all int4, experts int4/int3/"
+                        "int2 with attention int8 or int4) or ;-separated --quantize specs, e.g. "
+                        "'int4;experts=int3,attention=int8'")
     q.add_argument("--rows", default="1,16", help="rows of x for --kernels (default: 1,16)")
     q.add_argument("--min-seconds", type=float, default=1.0, help="timing per cell for --kernels (default: 1.0)")
 
@@ -362,13 +397,27 @@ def add_part_benchmarks(add, threads: int) -> None:
     q.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     q.add_argument("--repeats", type=int, default=10, help="cold calls per kernel; the best is reported (default: 10)")
 
+    q = add("offload", run_offload, "decoding with offloaded experts: budgets x policies x precisions", offload)
+    q.add_argument("--model", dest="models", default="default", metavar="PATHS",
+                   help="comma-separated quantized checkpoints (one per expert precision), 'default' or presets "
+                        "(default: default)")
+    q.add_argument("--budgets", default="4GB,8GB,12GB,16GB", help="comma-separated memory budgets; 'all' runs "
+                                                                   "fully resident (default: 4GB,8GB,12GB,16GB)")
+    q.add_argument("--policies", default="none,lru,lru+predict,lru+predict-after",
+                   help="comma-separated (default: none,lru,lru+predict,lru+predict-after)")
+    q.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding (default: 16)")
+    q.add_argument("--tokens", type=int, default=8, help="tokens decoded per configuration (default: 8)")
+    q.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    q.add_argument("--offload-dir", help="where expert files of a non-quantized --model are written")
+    q.add_argument("--json", type=Path, help="also write the rows as JSON here")
+
     q = add("amx-experts", run_amx_experts, "a layer's experts on AMX: amx.c vs the path without it", amx_experts)
     q.add_argument("--rows", default="16,32,64,128,160,256", help="rows per expert, comma-separated "
                                                                   "(default: 16,32,64,128,160,256)")
     q.add_argument("--dim", type=int, default=4096, help="(default: 4096)")
     q.add_argument("--hidden", type=int, default=14336, help="(default: 14336)")
     q.add_argument("--experts", type=int, default=8, help="(default: 8)")
-    q.add_argument("--mode", choices=("bf16",) + QUANT_MODES, default="bf16", help="the experts' weights (default: "
+    q.add_argument("--mode", choices=amx_experts.MODES, default="bf16", help="the experts' weights (default: "
                                                                                    "bf16)")
     q.add_argument("--group-size", type=int, default=128, help="int4 group size (default: 128)")
     q.add_argument("--repeats", type=int, default=5, help="passes; the median is reported (default: 5)")

@@ -21,9 +21,13 @@ from typing import Sequence
 
 import torch
 
-from mixtral.config import from_name, with_overrides
-from mixtral.io.checkpoint import save_hf
-from mixtral.model import random_model
+from tqdm import tqdm
+
+from mixtral.config import ModelConfig, from_name, to_hf_dict, with_overrides
+from mixtral.io.checkpoint import TensorPlan, save_hf, write_safetensors
+from mixtral.io.files import write_json
+from mixtral.io.layouts import hf_layout
+from mixtral.model import Transformer, random_model
 
 LOADERS = ("mixtral", "transformers")
 
@@ -59,6 +63,74 @@ print(json.dumps({"before_kb": before, "peak_kb": status_kb("VmHWM"), "after_kb"
 """
 
 
+QUANTIZE_CHILD = r"""
+import json, os, sys, tempfile, time
+import torch
+import mixtral
+from mixtral.io.loading import quantize_checkpoint
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+path, out, quantize = sys.argv[1], sys.argv[2], sys.argv[3]
+with torch.device("meta"):
+    mixtral.Transformer(mixtral.from_name("tiny")).to(torch.bfloat16)
+before = status_kb("VmRSS")
+start = time.perf_counter()
+quantize_checkpoint(path, out, quantize, progress=False)
+seconds = time.perf_counter() - start
+size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
+print(json.dumps({"before_kb": before, "peak_kb": status_kb("VmHWM"), "after_kb": status_kb("VmRSS"),
+                  "seconds": seconds, "model_bytes": size}))
+"""
+
+
+def write_random_hf(config: ModelConfig, path: Path, *, seed: int = 0, max_shard_bytes: int = 4 * 1024 ** 3,
+                    progress: bool = True) -> int:
+    """A random bf16 checkpoint of `config` in the HF layout (sharded, with its index), written one tensor at a time:
+    each tensor is drawn from N(0, 0.02) (norms: 1) only when its bytes are written, so a checkpoint larger than
+    memory can be made. Returns the bytes of its weights."""
+    with torch.device("meta"):
+        params = dict(Transformer(config).named_parameters(remove_duplicate=False))
+    generator = torch.Generator().manual_seed(seed)
+    plans = []
+    for key, target in hf_layout(config).items():
+        shape = tuple(target.select(params[target.param]).shape)
+
+        def make(key=key, shape=shape) -> torch.Tensor:
+            if key.endswith("norm.weight"):
+                return torch.ones(shape, dtype=torch.bfloat16)
+            return torch.randn(shape, generator=generator).mul_(0.02).to(torch.bfloat16)
+        plans.append(TensorPlan(key, shape, torch.bfloat16, make))
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for plan in plans:
+        if shards[-1] and size + plan.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(plan)
+        size += plan.nbytes
+    path.mkdir(parents=True, exist_ok=True)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, tqdm(shards, desc="writing random weights", unit="shard", disable=not progress)):
+        write_safetensors(path / name, shard)
+    write_json(path / "model.safetensors.index.json",
+               {"metadata": {"total_size": sum(p.nbytes for p in plans)},
+                "weight_map": {plan.name: name for name, shard in zip(names, shards) for plan in shard}})
+    write_json(path / "config.json", to_hf_dict(config, "bfloat16"))
+    return sum(p.nbytes for p in plans)
+
+
+def measure_quantize(path: Path, out: Path, quantize: str) -> dict:
+    """As `measure`, for `mixtral quantize` (`quantize_checkpoint`) of `path` into `out` in a fresh process;
+    "model_bytes" is the size of what it wrote."""
+    args = [sys.executable, "-c", QUANTIZE_CHILD, str(path), str(out), quantize]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"mixtral quantize failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def write_checkpoint(path: Path, gb: float, vocab_size: int = 32000) -> int:
     """A random bf16 checkpoint of about `gb` GB in the HF layout (one safetensors file) at `path`, Mixtral-shaped
     with 1024 dims and experts of 3584 hidden units (a smaller `vocab_size` leaves the experts more of the bytes);
@@ -82,23 +154,35 @@ def measure(path: Path, loader: str, quantize: str | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(*, gb: float = 1.0, path: Path | None = None, loaders: Sequence[str] = LOADERS) -> dict:
-    """Write a checkpoint of about `gb` GB into a temporary directory (or measure the existing `path`), then
-    `measure` it with each of `loaders`; prints the table as it goes. Returns {"benchmark": "load-memory",
-    "weight_bytes", "rows": [{"loader", "grown_bytes", "ratio", "seconds"}]}."""
+def run(*, gb: float = 1.0, path: Path | None = None, loaders: Sequence[str] = LOADERS, quantize: str | None = None,
+        preset: str | None = None, layers: int | None = None, workdir: Path | None = None) -> dict:
+    """Write a checkpoint into a temporary directory (under `workdir`, default the system's): about `gb` GB, or
+    `preset`'s shapes cut to `layers` layers (streamed: it may exceed memory); or measure the existing `path`.
+    Without `quantize`: `measure` it with each of `loaders`. With `quantize` (a precision spec): measure mixtral
+    quantizing while loading it and `mixtral quantize` writing it, against the quantized size (the goal: peak
+    growth no more than the quantized size + 2 GB). Prints the table as it goes. Returns {"benchmark":
+    "load-memory", "weight_bytes", "rows": [{"loader", "grown_bytes", "ratio", "seconds", "result_bytes"}]}."""
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         checkpoint = path or Path(tmp) / "ckpt"
-        if path is None:
-            weight_bytes = write_checkpoint(checkpoint, gb)
-        else:
+        if path is not None:
             weight_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+        elif preset is not None:
+            config = from_name(preset)
+            config = with_overrides(config, n_layers=layers or config.n_layers)
+            weight_bytes = write_random_hf(config, checkpoint)
+        else:
+            weight_bytes = write_checkpoint(checkpoint, gb)
         print(f"checkpoint: {checkpoint}  weights: {weight_bytes / 1e9:.3f} GB")
-        print(f"{'loader':<14}{'peak - before (GB)':>20}{'ratio to weights':>18}{'seconds':>10}")
-        for loader in loaders:
-            r = measure(checkpoint, loader)
+        print(f"{'loader':<26}{'peak - before (GB)':>20}{'ratio to weights':>18}{'result (GB)':>13}{'seconds':>10}")
+        runs = ([(f"mixtral --quantize {quantize}", lambda: measure(checkpoint, "mixtral", quantize)),
+                 (f"mixtral quantize {quantize}", lambda: measure_quantize(checkpoint, Path(tmp) / "out", quantize))]
+                if quantize else [(loader, lambda loader=loader: measure(checkpoint, loader)) for loader in loaders])
+        for name, measured in runs:
+            r = measured()
             grown = (r["peak_kb"] - r["before_kb"]) * 1024
-            print(f"{loader:<14}{grown / 1e9:>20.3f}{grown / weight_bytes:>18.2f}{r['seconds']:>10.2f}", flush=True)
-            rows.append({"loader": loader, "grown_bytes": grown, "ratio": grown / weight_bytes,
-                         "seconds": r["seconds"]})
+            print(f"{name:<26}{grown / 1e9:>20.3f}{grown / weight_bytes:>18.2f}{r['model_bytes'] / 1e9:>13.3f}"
+                  f"{r['seconds']:>10.2f}", flush=True)
+            rows.append({"loader": name, "grown_bytes": grown, "ratio": grown / weight_bytes,
+                         "seconds": r["seconds"], "result_bytes": r["model_bytes"]})
     return {"benchmark": "load-memory", "weight_bytes": weight_bytes, "rows": rows}

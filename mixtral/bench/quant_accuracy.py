@@ -36,9 +36,11 @@ import torch.nn.functional as F
 
 from mixtral import kernels, quant
 from mixtral.bench.harness import cache_flusher, command_line, cpu_times
+from mixtral.config import from_name
 from mixtral.data.shards import TokenShards
 from mixtral.errors import InputError
 from mixtral.io.loading import load, load_tokenizer
+from mixtral.offload import plan
 
 STDLIB_FILES = ("argparse.py", "textwrap.py", "functools.py", "dataclasses.py", "inspect.py", "typing.py",
                 "pathlib.py", "json/decoder.py", "collections/__init__.py", "logging/__init__.py")
@@ -81,29 +83,57 @@ def quantized_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+# The mixes of the table in docs/offloading.md: a precision per part. Mixtral-offloading's recipe is the last.
+MIXES = {
+    "all int8": "int8",
+    "all int4": "int4",
+    "e-int4 a-int8": {"experts": "int4", "attention": "int8", "output": "int8"},
+    "e-int3 a-int8": {"experts": "int3", "attention": "int8", "output": "int8"},
+    "e-int3g32 a-int8": {"experts": "int3:g32", "attention": "int8", "output": "int8"},
+    "e-int2g32 a-int8": {"experts": "int2:g32", "attention": "int8", "output": "int8"},
+    "e-int2g16 a-int4": {"experts": "int2:g16", "attention": "int4", "output": "int8"},
+}
+
+
+def mixtral_8x7b_gb(quantize) -> float:
+    """GB that Mixtral-8x7B's weights take in memory at these precisions (`quantize` as `mixtral.quant.quantize`
+    takes; unquantized parts in bf16), from its shapes alone."""
+    config = from_name("mixtral-8x7b")
+    parts = {p: str(v) if v else "bf16" for p, v in quant.quantization_settings(quantize or {}).items()}
+    experts = config.n_layers * config.n_experts * plan.expert_bytes(config, parts["experts"])
+    return (plan.resident_bytes(config, parts["attention"], parts["output"], context=0) + experts) / 1e9
+
+
 def accuracy(*, model: str = "small", dtype: str = "bf16", text: Sequence[str] | None = None,
              corpus: str | None = None, tokens: int = 4096, window: int = 256, batch: int = 4,
-             modes: Sequence[str] = quant.MODES, group_sizes: Sequence[int] = quant.GROUP_SIZES) -> dict:
+             modes: Sequence[str] = ("int8", "int4"), group_sizes: Sequence[int] = quant.GROUP_SIZES,
+             mixes: dict | None = None) -> dict:
     """Logits of `model` (loaded in `dtype`) on `tokens` held-out tokens (the validation split of the prepared
     `corpus`, else the `text` files, default standard-library modules) in windows of `window` (`batch` windows per
-    forward), unquantized, in float32, and quantized to each of `modes` (int4 at each of `group_sizes`); prints
-    the table as it goes. Returns {"benchmark": "quant-accuracy", "rows": [{"weights", "mb", "rel", "max", "ppl",
-    "top1", "seconds"}]}."""
+    forward), unquantized, in float32, and quantized to each of `modes` (int4 at each of `group_sizes`), or to each
+    of `mixes` ({name: what `quant.quantize` takes}) when given; prints the table as it goes. Bytes per parameter
+    count every tensor the model keeps (embeddings and norms too) over its float parameters; "8x7B GB" is what
+    Mixtral-8x7B's weights take at the same precisions. Returns {"benchmark": "quant-accuracy", "rows":
+    [{"weights", "mb", "bytes_per_param", "gb_8x7b", "rel", "max", "ppl", "top1", "seconds"}]}."""
     if corpus:
         windows = corpus_windows(corpus, tokens, window)
     else:
         windows = held_out_tokens(text, tokens).view(-1, window)
-    settings = [("none", None)] + [(m, g) for m in modes for g in ([None] if m == "int8" else group_sizes)]
-    if dtype not in ("fp32", "float32"):
-        settings.insert(1, ("fp32", None))  # how far mere rounding moves this model: the scale for the rest
+    if mixes is None:
+        mixes = {(m + (f" g{g}" if g else "")): (m if g is None else f"{m}:g{g}")
+                 for m in modes for g in ([None] if m == "int8" else group_sizes)}
+    settings = [(dtype, None)] + ([("fp32", None)] if dtype not in ("fp32", "float32") else []) + list(mixes.items())
+    # fp32: how far mere rounding moves this model, the scale for the rest
     print(f"model {model} ({dtype}), {windows.numel()} tokens in {len(windows)} windows of {window}")
-    print(f"{'weights':<12}{'MB':>8}{'rel err':>10}{'max |Δ|':>10}{'ppl':>12}{'Δppl':>9}{'top-1':>8}{'s':>7}")
+    print(f"{'weights':<18}{'MB':>8}{'B/param':>8}{'8x7B GB':>8}{'rel err':>10}{'max |Δ|':>10}{'ppl':>12}{'Δppl':>9}"
+          f"{'top-1':>8}{'s':>7}")
     ref = base_ppl = None
     rows = []
-    for mode, group in settings:
-        net = load(model, dtype="fp32" if mode == "fp32" else dtype, progress=False)
-        if mode in quant.MODES:
-            quant.quantize(net, mode, group_size=group or 128)
+    for name, quantize in settings:
+        net = load(model, dtype="fp32" if name == "fp32" else dtype, progress=False)
+        params = sum(p.numel() for p in net.parameters())
+        if quantize is not None:
+            quant.quantize(net, quantize)
         start = time.perf_counter()
         logits = logits_of(net, windows, batch)
         seconds = time.perf_counter() - start
@@ -111,11 +141,13 @@ def accuracy(*, model: str = "small", dtype: str = "bf16", text: Sequence[str] |
             ref = logits
         m = metrics(logits, ref, windows)
         base_ppl = base_ppl or m["ppl"]
-        name = {"none": dtype, "fp32": "fp32"}.get(mode, mode + (f" g{group}" if group else ""))
         mb = quantized_bytes(net) / 1e6
-        print(f"{name:<12}{mb:>8.1f}{m['rel']:>10.4f}{m['max']:>10.3f}{m['ppl']:>12.1f}"
+        per_param = mb * 1e6 / params
+        gb = mixtral_8x7b_gb(quantize) * (2 if name == "fp32" else 1)
+        print(f"{name:<18}{mb:>8.1f}{per_param:>8.3f}{gb:>8.1f}{m['rel']:>10.4f}{m['max']:>10.3f}{m['ppl']:>12.3f}"
               f"{100 * (m['ppl'] / base_ppl - 1):>+8.2f}%{100 * m['top1']:>7.1f}%{seconds:>7.1f}", flush=True)
-        rows.append({"weights": name, "mb": mb, **m, "seconds": seconds})
+        rows.append({"weights": name, "quantize": quantize, "mb": mb, "bytes_per_param": per_param, "gb_8x7b": gb,
+                     **m, "seconds": seconds})
         del net
     return {"benchmark": "quant-accuracy", "rows": rows}
 

@@ -247,15 +247,24 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    progress: bool = True, quantize: str | None = None) -> Transformer:
+                    progress: bool = True, quantize: "str | dict | None" = None,
+                    experts_sink: "Callable[[int, object, object], None] | None" = None) -> Transformer:
     """Read a checkpoint directory (either layout) into a Transformer in eval mode.
 
-    dtype: the parameters' dtype; None keeps the checkpoint's own. quantize: "int8" or "int4" quantizes while
-    reading (`mixtral.quant.quantize`'s defaults, the same result): the model is built with its quantized modules
-    in place, and each matrix they own is read into a staging buffer, quantized into its slot and freed, so the
-    float weights are never all in memory (`_Staging`). Raises CheckpointError naming the file and tensor for
-    missing, unexpected, misshapen or truncated tensors; ConfigError for a bad config file; InputError for an
-    unknown `quantize`.
+    dtype: the parameters' dtype; None keeps the checkpoint's own. quantize: a precision for every part ("int8",
+    "int4", "int3:g64", ...) or one per part ({"experts": "int3", "attention": "int8"}), as `mixtral.quant.quantize`
+    takes, with the same result, quantized while reading: the model is built with its quantized modules in place,
+    and each matrix they own is read into a staging buffer, quantized into its slot and freed, so the float
+    weights are never all in memory (`_Staging`).
+
+    experts_sink(layer, w13, w2): the experts are streamed out instead of kept. The model is built without expert
+    weights (each MoE's w13 and w2 are None: it cannot run as it is), and each layer's experts are read into stacks
+    of their own (QuantizedExperts, or float tensors [n_experts, out, in] when the experts are not quantized),
+    handed to the sink once complete and freed. The peak is then the model without its experts plus one layer's
+    experts (plus a staged float matrix). What `mixtral quantize` and the offloading loader use.
+
+    Raises CheckpointError naming the file and tensor for missing, unexpected, misshapen or truncated tensors;
+    ConfigError for a bad config file; InputError for an unknown `quantize`.
     """
     files = find_checkpoint(path)
     readers = []
@@ -279,22 +288,81 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         if dtype is None:
             dtype = where[next(iter(layout))].dtype(next(iter(layout)))
         # Each parameter allocated once, already in `dtype`; quantized modules instead of the float matrices.
-        model = (empty_model(files.config, dtype) if quantize is None
-                 else quant.empty_quantized_model(files.config, dtype, quantize))
+        on_meta = drop_experts if experts_sink is not None else None
+        model = (empty_model(files.config, dtype, on_meta=on_meta) if quantize is None
+                 else quant.empty_quantized_model(files.config, dtype, quantize, on_meta=on_meta))
         params = dict(model.named_parameters(remove_duplicate=False))
-        staging = _Staging(model, dtype)
+        staging = _Staging(quant.quantized_modules(model), dtype)
+        streamed = None if experts_sink is None else _LayerExperts(files.config, dtype, quantize, experts_sink)
         with torch.no_grad():
             for key, target in tqdm(layout.items(), desc=f"loading {files.directory.name}", unit="tensor",
                                     disable=not progress, leave=False):
-                if target.param in params:
+                if streamed is not None and streamed.takes(target):
+                    streamed.load(where[key], key, target)
+                elif target.param in params:
                     _load_one(where[key], key, target, params[target.param])
                 else:
                     staging.load(where[key], key, target)
+            if streamed is not None:
+                streamed.flush()
+            if files.config.tie_embeddings and "output" in staging.modules:
+                # The checkpoint has no matrix of its own for a tied output: quantize the embeddings.
+                quant.quantize_into(staging.modules["output"], None, model.tok_embeddings.weight)
             staging.finish()
     finally:
         for reader in readers:
             reader.close()
     return model.to(device).eval()
+
+
+_EXPERT_PARAM = re.compile(r"layers\.(\d+)\.moe\.(w13|w2)$")
+
+
+def drop_experts(model: Transformer) -> None:
+    """Remove every MoE's expert weights (w13 and w2 become None), on the meta device before allocation: the
+    model then holds everything but its experts, which live elsewhere (streamed to files, offloaded)."""
+    for layer in model.layers:
+        for name in ("w13", "w2"):
+            delattr(layer.moe, name)
+            setattr(layer.moe, name, None)
+
+
+class _LayerExperts:
+    """Reads the experts of one layer at a time into stacks of their own (quantized as the experts part says),
+    and hands each complete layer to a sink (`load_checkpoint`'s experts_sink)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, quantize, sink):
+        self.config, self.dtype, self.sink = config, dtype, sink
+        settings = quant.quantization_settings(quantize) if quantize is not None else {}
+        self.precision = settings.get("experts")
+        self.layer: int | None = None
+        self.stacks: dict[str, object] = {}
+        self.staging: _Staging | None = None
+
+    def takes(self, target: Target) -> bool:
+        return _EXPERT_PARAM.match(target.param) is not None
+
+    def load(self, reader, key: str, target: Target) -> None:
+        layer, name = _EXPERT_PARAM.match(target.param).groups()
+        if int(layer) != self.layer:
+            self.flush()
+            self.layer = int(layer)
+            self.stacks = dict(zip(("w13", "w2"), quant.empty_experts(self.config, self.dtype, self.precision)))
+            quantized = {n: s for n, s in self.stacks.items() if isinstance(s, quant.Quantized)}
+            self.staging = _Staging(quantized, self.dtype)
+        local = Target(name, target.index, target.transform, target.transposed)
+        if isinstance(self.stacks[name], torch.Tensor):
+            _load_one(reader, key, local, self.stacks[name])
+        else:
+            self.staging.load(reader, key, local)
+
+    def flush(self) -> None:
+        """Hand the layer read so far to the sink and free it."""
+        if self.layer is None:
+            return
+        self.staging.finish()
+        self.sink(self.layer, self.stacks["w13"], self.stacks["w2"])
+        self.layer, self.stacks, self.staging = None, {}, None
 
 
 def _load_one(reader, key: str, target: Target, param: torch.Tensor) -> None:
@@ -321,7 +389,7 @@ def _load_one(reader, key: str, target: Target, param: torch.Tensor) -> None:
 
 
 class _Staging:
-    """Fills a model's quantized modules from float checkpoint tensors, one staged matrix at a time.
+    """Fills quantized modules ({name: module}) from float checkpoint tensors, one staged matrix at a time.
 
     A target that names an expert (index (e, ...): per-expert layouts) is read into a float buffer of that one
     matrix; w1 and w3 of expert e are the two halves of w13[e], so the buffer waits until both are in, then is
@@ -329,9 +397,8 @@ class _Staging:
     the whole stack or matrix. So the float memory in use is one matrix (one stack for the stacked layouts).
     """
 
-    def __init__(self, model: Transformer, dtype: torch.dtype):
-        self.model, self.dtype = model, dtype
-        self.modules = quant.quantized_modules(model)
+    def __init__(self, modules: dict[str, quant.Quantized], dtype: torch.dtype):
+        self.modules, self.dtype = modules, dtype
         self.pending: dict[tuple[str, int | None], tuple[torch.Tensor, int]] = {}  # -> (buffer, elements read)
 
     def load(self, reader, key: str, target: Target) -> None:
@@ -357,10 +424,7 @@ class _Staging:
             quant.quantize_into(module, i, matrix)
 
     def finish(self) -> None:
-        """Quantize a tied output from the embeddings (the checkpoint has no matrix of its own for it), and
-        recompute what derives from the filled buffers."""
-        if self.model.config.tie_embeddings and "output" in self.modules:
-            quant.quantize_into(self.modules["output"], None, self.model.tok_embeddings.weight)
+        """Recompute what derives from the filled buffers (every matrix must be complete)."""
         assert not self.pending, f"tensors left half read: {sorted(self.pending)}"  # the layouts cover each matrix
         for module in self.modules.values():
             module.refresh()

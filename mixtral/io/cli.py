@@ -1,8 +1,9 @@
-"""`mixtral info` and `mixtral convert`: the commands about checkpoints, registered on the `mixtral` command by
-`add_info_parser` and `add_convert_parser`.
+"""`mixtral info`, `mixtral convert` and `mixtral quantize`: the commands about checkpoints, registered on the
+`mixtral` command by `add_info_parser`, `add_convert_parser` and `add_quantize_parser`.
 
     mixtral info --model mixtral-8x7b
     mixtral convert ./hf-checkpoint ./native --to native
+    mixtral quantize ./Mixtral-8x7B-v0.1 ./mixtral-int4 --quantize int4
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
+from mixtral import quant
 from mixtral.config import DTYPE_CHOICES, dtype_name
 from mixtral.errors import InputError
 from mixtral.io.checkpoint import SafetensorsReader, save_hf, save_native
-from mixtral.io.loading import inspect_model, load
+from mixtral.io.loading import inspect_model, is_preset, load, quantize_checkpoint
 from mixtral.io.quantized import read_quantization_config
 
 # Files of a tokenizer that `convert` carries over from SRC to DST.
@@ -197,4 +199,78 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"wrote {dst} ({layout} layout, {dtype}):")
     for path in sorted(p for p in dst.iterdir() if p.is_file()):
         print(f"  {path.name}  {human_bytes(path.stat().st_size)}{'  (copied)' if path.name in copied else ''}")
+    return 0
+
+
+# ---- quantize --------------------------------------------------------------------------------------------------
+
+def quantize_option(text: str) -> "str | dict":
+    """argparse type of --quantize: `mixtral.quant.parse_quantize_option`, its error as argparse's."""
+    try:
+        return quant.parse_quantize_option(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--quantize: ")) from None
+
+
+def precision_option(text: str) -> str:
+    """argparse type of --experts/--attention/--output: one precision spec (`mixtral.quant.parse_precision`)."""
+    try:
+        quant.parse_precision(text, where="precision")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("precision: ")) from None
+    return text
+
+
+QUANTIZE_EPILOG = """\
+Reads SRC one layer at a time: each layer's experts are read, quantized, written to their own file and freed
+before the next layer's, and the rest (attention, router, norms, embeddings) is written at the end, so a checkpoint
+larger than memory quantizes (peak: the rest of the model plus one layer's experts). OUT holds config.json,
+model.safetensors and experts/layer-NNN.experts, one read per expert: the layout the offloading engine reads.
+
+precisions: int8 (per channel), int4[:gN] (N = 32..256, default 128), int3[:gN] and int2[:gN] (N = 16..128,
+default 64 and 16; scales and zeros fitted, not min-max), bf16 (left unquantized).
+
+examples:
+  mixtral quantize ./Mixtral-8x7B-v0.1 ./mixtral-int4
+  mixtral quantize ./Mixtral-8x7B-v0.1 ./mixtral-e3a8 --experts int3 --attention int8 --output int8
+  mixtral quantize mixtral-8x7b ./random-8x7b-int4     # the full-size shape with random weights, for benchmarks
+"""
+
+
+def add_quantize_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register `quantize` on the subparsers of the `mixtral` command; `parents` as `mixtral.cli.shared_parents`."""
+    p = subparsers.add_parser("quantize", parents=[parents["verbose"]], formatter_class=RAW, epilog=QUANTIZE_EPILOG,
+                              help="write a quantized checkpoint, one layer at a time",
+                              description="Quantize a float checkpoint (either layout), the bundled default model "
+                                          "or a preset (random weights) into a quantized checkpoint directory.")
+    p.add_argument("src", metavar="SRC", help="checkpoint directory, 'default' or a preset name to read")
+    p.add_argument("out", metavar="OUT", help="directory to write (replaced as a whole, atomically)")
+    p.add_argument("--quantize", type=quantize_option, default="int4", metavar="SPEC",
+                   help="precision of every part, or per part as experts=int3,attention=int8 (default: int4)")
+    for part in quant.TARGETS:
+        p.add_argument(f"--{part}", type=precision_option, metavar="SPEC",
+                       help=f"precision of the {part} weights, overriding --quantize")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,
+                   help="dtype of the unquantized tensors (default: SRC's own, float32 for a preset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default: 0)")
+    p.add_argument("--force", "-f", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(run=cmd_quantize)
+    return p
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    src, out = Path(args.src), Path(args.out)
+    check_destination(src, out, args.force)
+    settings = {part: str(p) if p else None for part, p in quant.quantization_settings(args.quantize).items()}
+    for part in quant.TARGETS:
+        if getattr(args, part) is not None:
+            settings[part] = getattr(args, part)
+    quantize_checkpoint(args.src, out, settings, dtype=args.dtype, seed=args.seed, progress=sys.stderr.isatty())
+    parts = quant.describe(quant.quantization_settings(settings))
+    source = f"preset {args.src} (random weights, seed {args.seed})" if is_preset(args.src) else str(src)
+    print(f"wrote {out} from {source}: {parts}")
+    total = 0
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        total += path.stat().st_size
+    print(f"  {len(list((out / 'experts').glob('*.experts')))} expert files, {human_bytes(total)} in all")
     return 0

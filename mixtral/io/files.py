@@ -94,6 +94,9 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
     and the rename, for a moment, neither."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for a private temporary, not for what it becomes
     try:
         yield tmp
         fsync_tree(tmp)

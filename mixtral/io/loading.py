@@ -6,18 +6,24 @@ read. `is_preset` is the one rule for "a preset unless it is a path"; `resolve_m
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from mixtral import kernels, quant
-from mixtral.config import PRESETS, ModelConfig, dtype_name, from_name, parse_dtype
+from mixtral.config import PRESETS, ModelConfig, dtype_name, from_name, parse_dtype, parse_size
 from mixtral.errors import CheckpointError, InputError, TokenizerError
-from mixtral.io.checkpoint import CheckpointFiles, find_checkpoint, load_checkpoint
-from mixtral.io.quantized import load_quantized, read_quantization_config
+from mixtral.io.checkpoint import CheckpointFiles, drop_experts, find_checkpoint, load_checkpoint
+from mixtral.io.experts import write_layer_experts
+from mixtral.io.files import atomic_directory
+from mixtral.io.quantized import (EXPERTS_DIR, experts_path, load_quantized, open_expert_files,
+                                  read_quantization_config, saved_settings, write_resident_part)
 from mixtral.io.tokenizer import DIR_CANDIDATES, Tokenizer
 from mixtral.io.tokenizer import PRESETS as TOKENIZER_PRESETS
 from mixtral.io.tokenizer import load_tokenizer as _load_tokenizer
@@ -62,24 +68,39 @@ def _neither(path: str | os.PathLike) -> CheckpointError:
 
 def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool = True, seed: int = 0,
-         quantize: str | None = None) -> Transformer:
-    """A model from a checkpoint directory (HF or Mistral-native layout, or one `mixtral.io.quantized.save_quantized`
-    wrote), "default" (the trained model bundled with mixtral) or a preset name.
+         quantize: "str | dict | None" = None, offload: "str | int | None" = None,
+         offload_policy: str = "lru+predict", offload_dir: str | os.PathLike | None = None) -> Transformer:
+    """A model from a checkpoint directory (HF or Mistral-native layout, or a quantized one `mixtral quantize` or
+    `mixtral.io.quantized.save_quantized` wrote), "default" (the trained model bundled with mixtral) or a preset.
 
     A preset gives a randomly initialised model (seeded with `seed`, float32 unless `dtype` says otherwise).
-    quantize: "int8" or "int4" quantizes the weights while loading, with `mixtral.quant.quantize`'s default
-    settings and its exact result. The float matrices are never all in memory: each is staged, quantized into
-    place and freed, so the peak is the quantized model plus one float matrix (one expert's; a whole stack for the
+    quantize: one precision for every part ("int8", "int4", "int3:g64", ...) or one per part ({"experts": "int3",
+    "attention": "int8", "output": "int8"}; parts not named stay in `dtype`), as `mixtral.quant.quantize` takes,
+    with its exact result. The float matrices are never all in memory: each is staged, quantized into place and
+    freed, so the peak is the quantized model plus one float matrix (one expert's; a whole stack for the
     stacked-expert native layout of December 2023), plus float32 temporaries of 4 MB blocks of rows; a preset
     draws each matrix in float32 (`random_quantized`). A quantized checkpoint loads as it was saved.
     device: the model is loaded on the CPU, then moved there.
-    Raises CheckpointError/ConfigError with the file, key or preset at fault; InputError for a bad `dtype` or
-    `quantize`.
+
+    offload: a memory budget ("12GB", "8GiB", bytes) for the model's weights: everything but the experts stays
+    resident, the experts stay on disk in per-layer files and an engine (`mixtral.offload`) reads the ones routing
+    asks for into expert slots that fill the rest of the budget (`offload_policy`: "none", "lru", "lru+predict"
+    (prefetching the next layer's experts predicted before this layer's MoE update) or "lru+predict-after"). The
+    files are those of a quantized checkpoint (`mixtral quantize`); any other model is first written as one,
+    layer by layer, into `offload_dir` (default: a directory under ~/.cache/mixtral/offload named after the
+    source and settings, reused while they are unchanged). The engine is `model.offload_engine` (statistics,
+    `close()`). The KV cache and activations come on top of the budget. CPU only.
+    Raises CheckpointError/ConfigError with the file, key or preset at fault; InputError for a bad `dtype`,
+    `quantize` or `offload`, or a budget too small for the resident part plus one token's experts.
     """
     dtype = parse_dtype(dtype)
     path_or_preset = resolve_model(path_or_preset)
-    if quantize is not None and quantize not in quant.MODES:
-        raise InputError(f"unknown quantization mode {quantize!r}; choose one of {', '.join(quant.MODES)}")
+    if quantize is not None:
+        quant.quantization_settings(quantize)  # a bad spec fails before anything is read
+    if offload is not None:
+        return _load_offloaded(path_or_preset, parse_size(offload, "offload"), dtype=dtype, device=device,
+                               progress=progress, seed=seed, quantize=quantize, policy=offload_policy,
+                               directory=offload_dir)
     path, saved = Path(path_or_preset), None
     if is_preset(path_or_preset) and quantize is not None:
         model = random_quantized(from_name(path_or_preset), quantize, seed, dtype or torch.float32).to(device)
@@ -88,10 +109,11 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
         model = model.to(device=device, dtype=dtype or torch.float32).eval()
     elif not path.exists():
         raise _neither(path)
-    elif (saved := read_quantization_config(path)) is not None:
-        if quantize is not None and quantize != saved.get("mode"):
-            raise InputError(f"{path} is already quantized to {saved.get('mode')}; it cannot be quantized to "
-                             f"{quantize} (load the unquantized checkpoint instead)")
+    elif read_quantization_config(path) is not None:
+        saved = saved_settings(path)
+        if quantize is not None and _spec_strings(quantize) != saved:
+            raise InputError(f"{path} is already quantized ({_describe(saved)}); it cannot be quantized to "
+                             f"{_describe(_spec_strings(quantize))} (load the unquantized checkpoint instead)")
         model = load_quantized(path, dtype=dtype, device=device)
     else:
         model = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
@@ -100,33 +122,174 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     return model
 
 
-def random_quantized(config: ModelConfig, mode: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
-    """What `Transformer(config).init_weights(seed).to(dtype)` then `quant.quantize(model, mode)` gives (equal
+OFFLOAD_POLICIES = {"none": ("none", "before"), "lru": ("lru", "before"), "lru+predict": ("lru+predict", "before"),
+                    "lru+predict-after": ("lru+predict", "after")}
+OFFLOAD_CACHE = Path(os.environ.get("MIXTRAL_CACHE", Path.home() / ".cache" / "mixtral")) / "offload"
+
+
+def _offload_source(path_or_preset, quantize, dtype, seed) -> str:
+    """A name for the expert files of a model that is not a quantized checkpoint: the source (its weight files'
+    names, sizes and times for a directory; the seed for a preset) and the settings, hashed."""
+    if is_preset(path_or_preset):
+        identity = [str(path_or_preset), seed]
+    else:
+        files = find_checkpoint(path_or_preset)
+        identity = [str(files.directory.resolve())] + [(w.name, w.stat().st_size, w.stat().st_mtime_ns)
+                                                        for w in files.weights]
+    identity += [_spec_strings(quantize or {}), dtype_name(dtype) if dtype else None]
+    digest = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:16]
+    return f"{Path(str(path_or_preset)).name}-{digest}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _load_offloaded(path_or_preset, budget: int, *, dtype, device, progress, seed, quantize, policy,
+                    directory) -> Transformer:
+    from mixtral import offload  # the engine sits beside io, and imports its expert files
+
+    if policy not in OFFLOAD_POLICIES:
+        raise InputError(f"unknown offloading policy {policy!r}; choose one of {', '.join(OFFLOAD_POLICIES)}")
+    if torch.device(device).type != "cpu":
+        raise InputError(f"offloading runs on the CPU; device {device!r} is not supported with offload")
+    path = Path(str(path_or_preset))
+    if not is_preset(path_or_preset) and not path.exists():
+        raise _neither(path)
+    if not is_preset(path_or_preset) and read_quantization_config(path) is not None:
+        saved = saved_settings(path)
+        if quantize is not None and _spec_strings(quantize) != saved:
+            raise InputError(f"{path} is already quantized ({_describe(saved)}); it cannot be quantized to "
+                             f"{_describe(_spec_strings(quantize))} (load the unquantized checkpoint instead)")
+        checkpoint = path
+    else:
+        checkpoint = Path(directory) if directory else OFFLOAD_CACHE / _offload_source(path_or_preset, quantize,
+                                                                                       dtype, seed)
+        if read_quantization_config(checkpoint) is None:
+            log.info("writing the expert files of %s to %s (once)", path_or_preset, checkpoint)
+            quantize_checkpoint(path_or_preset, checkpoint, quantize or {}, dtype=dtype, seed=seed,
+                                progress=progress)
+    model = load_quantized(checkpoint, dtype=dtype, experts=False)
+    resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not None)
+    files = open_expert_files(checkpoint, model.config)
+    try:
+        record = max(f.record_bytes for f in files)
+        needed = resident + model.config.top_k * record
+        if budget < needed:
+            raise InputError(f"a memory budget of {_size(budget)} is too small for {path_or_preset}: its resident "
+                             f"part (attention, routers, norms, embeddings) takes {_size(resident)} and one token's "
+                             f"{model.config.top_k} experts {_size(model.config.top_k * record)} more; give at least "
+                             f"{_size(needed)}, or quantize more")
+        policy_name, predict = OFFLOAD_POLICIES[policy]
+        model.offload_engine = offload.attach(model, files, budget - resident, policy=policy_name, predict=predict)
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    return model.eval()
+
+
+def _spec_strings(quantize: "str | dict") -> dict[str, str | None]:
+    return {part: str(p) if p else None for part, p in quant.quantization_settings(quantize).items()}
+
+
+def _describe(parts: dict[str, str | None]) -> str:
+    return ", ".join(f"{part} {spec or 'float'}" for part, spec in parts.items())
+
+
+def random_quantized(config: ModelConfig, quantize: "str | dict", seed: int = 0, dtype: torch.dtype = torch.float32,
+                     *, experts_sink=None, progress: bool = False) -> Transformer:
+    """What `Transformer(config).init_weights(seed).to(dtype)` then `quant.quantize(model, quantize)` gives (equal
     tensor for tensor), in eval mode, without the float model: each quantized matrix is drawn in float32 one at a
     time (one expert of a stack; the draws of consecutive experts are the draws of the stack), converted to `dtype`,
     quantized into its slot and freed. Peak memory: the quantized model plus one float32 matrix (the largest plain
-    tensor, the embeddings, is drawn in float32 too). Raises InputError for an unknown `mode`."""
-    model = quant.empty_quantized_model(config, dtype, mode)
+    tensor, the embeddings, is drawn in float32 too).
+
+    experts_sink(layer, w13, w2): as `mixtral.io.checkpoint.load_checkpoint`'s: the model is made without its
+    experts, and each layer's (drawn the same way) are handed to the sink and freed; a full-size random model is
+    then written to disk at the memory of one layer's experts. Raises InputError for an unknown `quantize`."""
+    on_meta = drop_experts if experts_sink is not None else None
+    model = quant.empty_quantized_model(config, dtype, quantize, on_meta=on_meta)
+    experts_precision = quant.quantization_settings(quantize)["experts"]
     params = dict(model.named_parameters())
     quantized = quant.quantized_modules(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        order = Transformer(config).named_parameters()  # the float model's, which init_weights follows
+        order = list(Transformer(config).named_parameters())  # the float model's, which init_weights follows
+    stacks: dict[str, object] = {}
     with torch.no_grad():
-        for name, meta in order:
+        for name, meta in tqdm(order, desc="random weights", unit="tensor", disable=not progress, leave=False):
             if name in params:
                 params[name].copy_(init_parameter_(name, torch.empty(meta.shape), generator))
                 continue
+            if experts_sink is not None and name.endswith((".moe.w13", ".moe.w2")):
+                if not stacks:
+                    stacks = dict(zip(("w13", "w2"), quant.empty_experts(config, dtype, experts_precision)))
+                _draw_into(stacks[name.rsplit(".", 1)[1]], name, meta, generator, dtype)
+                if name.endswith(".w2"):  # the last of the layer's parameters
+                    experts_sink(int(name.split(".")[1]), stacks["w13"], stacks["w2"])
+                    stacks = {}
+                continue
             module = quantized[name] if name in quantized else quantized[name.rsplit(".", 1)[0]]
-            slots = range(len(module)) if isinstance(module, quant.QuantizedExperts) else [None]
-            for slot in slots:
-                matrix = init_parameter_(name, torch.empty(meta.shape[-2:]), generator)
-                quant.quantize_into(module, slot, matrix.to(dtype))
+            _draw_into(module, name, meta, generator, dtype)
         if config.tie_embeddings and "output" in quantized:
             quant.quantize_into(quantized["output"], None, model.tok_embeddings.weight)
         for module in quantized.values():
             module.refresh()
     return model.eval()
+
+
+def _draw_into(target, name: str, meta: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> None:
+    """Draw the parameter `name` (shape of `meta`) one matrix at a time into `target`: a quantized module
+    (quantized into its slots, then refreshed) or a float tensor."""
+    if isinstance(target, torch.Tensor):
+        for i in range(len(target)):
+            target[i].copy_(init_parameter_(name, torch.empty(meta.shape[-2:]), generator))
+        return
+    slots = range(len(target)) if isinstance(target, quant.QuantizedExperts) else [None]
+    for slot in slots:
+        matrix = init_parameter_(name, torch.empty(meta.shape[-2:]), generator)
+        quant.quantize_into(target, slot, matrix.to(dtype))
+    target.refresh()
+
+
+def quantize_checkpoint(source: str | os.PathLike, out: str | os.PathLike, quantize: "str | dict", *,
+                        dtype: str | torch.dtype | None = None, seed: int = 0, progress: bool = True) -> Path:
+    """Write a quantized checkpoint (format 2, `mixtral.io.quantized`) of `source`, a float checkpoint directory,
+    "default" or a preset (random weights drawn with `seed`), layer by layer: each layer's experts are read (or
+    drawn), quantized, written to their file and freed before the next layer's are read, and the rest of the model
+    (attention, router, norms, embeddings: a few GB for Mixtral-8x7B) is written at the end. The peak is that rest
+    plus one layer's experts, so a 93 GB checkpoint quantizes on a 24 GB machine. `out` appears whole or not at
+    all (written in a temporary directory beside it, then renamed; an existing `out` is replaced).
+    quantize: as `load`'s. dtype: of the unquantized tensors (default: the checkpoint's; float32 for a preset).
+    Returns `out`. Raises what `load` raises."""
+    dtype = parse_dtype(dtype)
+    source = resolve_model(source)
+    quant.quantization_settings(quantize)
+    if not is_preset(source):
+        if not Path(source).exists():
+            raise _neither(source)
+        if read_quantization_config(source) is not None:
+            raise InputError(f"{source} is already quantized; quantize the float checkpoint it was made from")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:
+        (tmp / EXPERTS_DIR).mkdir()
+        config = from_name(source) if is_preset(source) else find_checkpoint(source).config
+        bar = tqdm(total=config.n_layers, desc=f"quantizing {Path(str(source)).name}", unit="layer",
+                   disable=not progress)
+
+        def write(layer: int, w13, w2) -> None:
+            write_layer_experts(experts_path(tmp, layer), w13, w2, layer=layer)
+            bar.update()
+
+        with bar:
+            if is_preset(source):
+                model = random_quantized(config, quantize, seed, dtype or torch.float32, experts_sink=write)
+            else:
+                model = load_checkpoint(source, dtype=dtype, progress=False, quantize=quantize, experts_sink=write)
+        write_resident_part(model, tmp)
+    return out
 
 
 def load_tokenizer(path_or_preset: str | os.PathLike | None = None) -> Tokenizer:
@@ -185,8 +348,11 @@ def resolve_tokenizer(tokenizer: str | None, model: str, config: ModelConfig,
 
 
 def load_model_and_tokenizer(model: str, *, tokenizer: str | None = None, dtype: str | torch.dtype | None = None,
-                             quantize: str | None = None, progress: bool = True) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) for a checkpoint directory, "default" or a preset, and an optional tokenizer.
+                             quantize: "str | dict | None" = None, progress: bool = True,
+                             max_memory: "str | int | None" = None, offload_policy: str = "lru+predict",
+                             offload_dir: str | os.PathLike | None = None) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) for a checkpoint directory, "default" or a preset, and an optional tokenizer. The other
+    arguments are `load`'s (`max_memory` its `offload`).
 
     The tokenizer is resolved first (`resolve_tokenizer`), so a missing one fails before minutes of loading. The
     notes for the user (the `NOTES_LOGGER` records) are logged once the model has loaded, so that an error stays
@@ -196,7 +362,8 @@ def load_model_and_tokenizer(model: str, *, tokenizer: str | None = None, dtype:
     config, files = inspect_model(model)
     tok, tokenizer_note = resolve_tokenizer(tokenizer, model, config, files)
     start = time.perf_counter()
-    loaded = load(model, dtype=dtype, progress=progress, quantize=quantize)
+    loaded = load(model, dtype=dtype, progress=progress, quantize=quantize, offload=max_memory,
+                  offload_policy=offload_policy, offload_dir=offload_dir)
     log.info("loaded %s (%s) in %.1f s", model, dtype_name(loaded.tok_embeddings.weight.dtype),
              time.perf_counter() - start)
     if files is None:

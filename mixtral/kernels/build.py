@@ -1,6 +1,6 @@
-"""Build and load the C kernels (gemv.c, amx.c) with the machine's compiler, and probe the CPU they run on.
+"""Build and load the C kernels (gemv.c, amx.c, lowbit.c) with the machine's compiler, and probe the CPU they run on.
 
-`library()` compiles both sources at first use with -march=native into a cache directory keyed by their hash
+`library()` compiles the sources at first use with -march=native into a cache directory keyed by their hash
 (MIXTRAL_CACHE, default ~/.cache/mixtral) and loads the result through ctypes; it returns None, logged once,
 where the kernels are disabled (MIXTRAL_KERNELS=0) or cannot be built (no C compiler). The loaded library says
 what it holds: `has_gemv` (gemv.c's AVX512-BF16 kernels were compiled: the CPU has AVX512-BF16) and `has_amx`
@@ -20,7 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger("mixtral")
 
-SOURCES = [Path(__file__).with_name("gemv.c"), Path(__file__).with_name("amx.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "amx.c", "lowbit.c")]
 
 
 def cpu_has(flag: str) -> bool:
@@ -89,7 +89,8 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     library.dequant_int4.argtypes = [p, p, p, i, i, i, p, i]
     library.dequant_int8.argtypes = [p, p, i, i, p, i]
-    library.dequant_int4.restype = library.dequant_int8.restype = None
+    library.dequant_lowbit.argtypes = [p, p, p, i, i, i, i, p, i]
+    library.dequant_int4.restype = library.dequant_int8.restype = library.dequant_lowbit.restype = None
     library.amx_call_layout.argtypes = [p, i]
     library.amx_call_layout.restype = i
     # amx_request is called once per process: it asks Linux for the tile state (arch_prctl), and returns -1 where
@@ -108,4 +109,6 @@ def library() -> ctypes.CDLL | None:
     library.gemv_bf16.restype = None
     library.gemv_int4.argtypes = [p, i, p, p, i, i, i, p, i, i]
     library.gemv_int4.restype = None
+    library.gemv_lowbit.argtypes = [p, p, i, p, p, p, i, i, i, i, p, i]
+    library.gemv_lowbit.restype = None
     return library

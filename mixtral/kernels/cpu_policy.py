@@ -6,8 +6,9 @@ one in force: the machine's, probed at first use rather than at import, or one a
 with `use_policy`. `linear_path` and `expert_path` are the one place that maps (weight kind, rows) to a kernel:
 `kernels.matmul`, `QuantizedWeight.linear` and the MoE experts ask them.
 
-Weight kinds: "bf16" (a bfloat16 tensor), "int8", "int4" (`QuantizedWeight.mode`); anything else (float32,
-float16 tensors) goes to torch.
+Weight kinds: "bf16" (a bfloat16 tensor), "int8", "int4", "int3", "int2" (`QuantizedWeight.mode`); anything else
+(float32, float16 tensors) goes to torch. amx.c takes bf16, int8 and int4 experts only: int3/int2 ones always go
+through their own kernels (`expert_path`: "linear").
 
 The figures below were measured on two machines: an AMD EPYC (AVX512-BF16, no AMX; 2026-11-23) and a 2-core
 Intel Xeon with AMX (2026-12-01), with Mixtral-8x7B's matrices (docs/performance.md has the tables).
@@ -42,6 +43,7 @@ class CpuPolicy:
     amx_int4_expert_rows: int  # ... an int4 one
     int8_gemm_rows: int  # int8: torch's int8 kernel below this many rows, expand + bf16 GEMM from there
     int4_gemv_rows: int  # int4: gemv.c's int4 GEMV below this many rows, expand + bf16 GEMM from there
+    lowbit_gemv_rows: int  # int3, int2: lowbit.c's GEMV below this many rows, expand + bf16 GEMM from there
     expanded_tile_bytes: int  # bytes of a quantized weight expanded to bf16 at a time (the "expand" path)
     amx_chunk_bytes: int  # bytes of L2 one chunk of K may fill in amx.c
 
@@ -76,6 +78,11 @@ class CpuPolicy:
             # earlier: from 12 rows for both (Xeon, 28672x4096 and 4096x14336).
             int8_gemm_rows=12 if amx else 16,
             int4_gemv_rows=12 if amx else 32,
+            # lowbit.c's GEMV is bound by unpacking, not memory, so the expansion overtakes it sooner than int4's
+            # (EPYC, ms, GEMV against expand + GEMM, 14336x4096 and 4096x14336 alike): int3 g64 8 rows 6.9
+            # against 10.0, 16 rows 12.1 against 9.4; int2 g16 8 rows 9.6 against 10.2, 16 rows 18.5 against
+            # 12.9. Not measured on AMX, where torch's GEMM overtook the int4 GEMV at 12 rows instead of 32: 8.
+            lowbit_gemv_rows=8 if amx else 12,
             # A tile of output rows that stays in the last-level cache between its expansion and its product, yet
             # big enough for the product to run at speed (Xeon, 480 MB L3: 16-32 MB tiles measured best, 2-4 MB
             # ones slower than no tiling). A quarter of the cache, within those bounds.
@@ -97,7 +104,7 @@ class CpuPolicy:
 
     @property
     def gemv(self) -> bool:
-        """Whether gemv.c's bf16 and int4 GEMVs run."""
+        """Whether gemv.c's bf16 and int4 GEMVs and lowbit.c's GEMV run (AVX512-BF16)."""
         return self.library and self.avx512_bf16
 
     @property
@@ -117,6 +124,7 @@ class CpuPolicy:
             "int8": "int8_torch" (torch's _weight_int8pack_mm), "expand" (the C dequantizer + torch's bf16 GEMM,
                     in tiles: `expansion_tiles`), "reference" (dequantized in torch, F.linear)
             "int4": "int4_gemv" (gemv.c), "expand", "reference"
+            "int3", "int2": "lowbit_gemv" (lowbit.c), "expand", "reference"
             other:  "torch"
 
         inference: no autograd through the product (the C kernels and the transposed form have no backward); for
@@ -135,6 +143,9 @@ class CpuPolicy:
         elif kind == "int4":
             if inference and self.gemv and rows < self.int4_gemv_rows:
                 return "int4_gemv"
+        elif kind in ("int3", "int2"):
+            if inference and self.gemv and rows < self.lowbit_gemv_rows:
+                return "lowbit_gemv"
         else:
             return "torch"
         return "expand" if self.dequant else "reference"

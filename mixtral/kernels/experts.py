@@ -19,7 +19,8 @@ from mixtral.kernels.quantized import QuantizedWeight
 
 
 def weight_kind(w) -> str:
-    """"bf16", "int8" or "int4" (what `CpuPolicy` chooses kernels for), else the tensor's dtype ("float32")."""
+    """"bf16", "int8", "int4", "int3" or "int2" (what `CpuPolicy` chooses kernels for), else the tensor's dtype
+    ("float32")."""
     if isinstance(w, QuantizedWeight):
         return w.mode
     return "bf16" if w.dtype == torch.bfloat16 else str(w.dtype).removeprefix("torch.")

@@ -1,6 +1,7 @@
 """The quantized weight type the backend takes, and its products x · wᵀ on the CPU.
 
-`QuantizedWeight` is one int8 or int4 matrix (mixtral.quant makes them; the layouts are `mixtral.kernels.packing`'s).
+`QuantizedWeight` is one int8, int4, int3 or int2 matrix (mixtral.quant makes them; the layouts are
+`mixtral.kernels.packing`'s).
 Its `linear` runs the kernel `CpuPolicy.linear_path` picks by the rows of x (the crossovers measured on
 Mixtral-8x7B's expert matrices, 2 threads, `mixtral bench quant-accuracy --kernels`; docs/performance.md):
     int8: torch's `_weight_int8pack_mm` for few rows (its time grows with every row: at 16 rows it is already
@@ -9,6 +10,8 @@ Mixtral-8x7B's expert matrices, 2 threads, `mixtral bench quant-accuracy --kerne
     int4: gemv.c's `gemv_int4` (AVX512-BF16; faster than torch's `_weight_int4pack_mm_for_cpu`, whose packed
           layout is also opaque and differs between CPUs) for few rows; from there `dequant_int4` + the bf16 GEMM
           in tiles, as int8 (torch's int4 kernel costs 2.5x the bf16 GEMM at 128+ rows).
+    int3, int2: lowbit.c's `gemv_lowbit` (AVX512-BF16; `gemv_lowbit` below) for few rows, from there
+          `dequant_lowbit` + the bf16 GEMM in tiles, as int4.
 Both run in bfloat16 whatever the model's dtype (the float32 paths of torch's kernels are scalar loops, 10-50x
 slower): x is cast to bf16 for the product and the result cast back to x's dtype. Anything the kernels do not
 take (another device, a CPU without AVX512-BF16 or a C compiler, int8 with in_features % 16 != 0, where torch's
@@ -22,12 +25,13 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from mixtral.kernels import gemv, packing
+from mixtral.kernels import build, gemv, packing
 from mixtral.kernels.cpu_policy import policy
 
 log = logging.getLogger("mixtral")
 
 KERNEL_DTYPE = torch.bfloat16  # what the quantized kernels compute in
+LOWBIT = {"int3": 3, "int2": 2}  # the modes of lowbit.c, and their bits per weight
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -37,8 +41,10 @@ class QuantizedWeight:
     int8: qweight int8 [out, in], scales [out] (bf16 numbers in the model's dtype). int4: qweight uint8
     [out, stored / 2] (`pack_int4`), scales and zeros bf16 [out, groups], bias float32 [groups, out] (`int4_bias`,
     for gemv_int4); stored = in_features rounded up to whole groups (`padding` columns, copies of the last one).
+    int3, int2: qweight uint8 [out, stored · bits / 8] (`pack_lowbit`; stored also a multiple of 32), scales and
+    zeros bf16 [out, groups], no bias (gemv_lowbit reads the zeros itself).
     """
-    mode: str  # "int8" or "int4"
+    mode: str  # "int8", "int4", "int3" or "int2"
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
@@ -48,16 +54,25 @@ class QuantizedWeight:
     in_features: int
 
     @property
+    def bits(self) -> int:
+        """Bits per weight: 8, 4, 3 or 2."""
+        return LOWBIT[self.mode] if self.mode in LOWBIT else int(self.mode.removeprefix("int"))
+
+    @property
     def padding(self) -> int:
-        """Stored columns past in_features (int4 padding to whole groups)."""
-        return self.qweight.shape[1] * (2 if self.mode == "int4" else 1) - self.in_features
+        """Stored columns past in_features (int4/int3/int2 padding to whole groups)."""
+        return self.qweight.shape[1] * 8 // self.bits - self.in_features
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [out, in] these integers stand for, in `dtype` (default: the scales' dtype)."""
         dtype = dtype or self.scales.dtype
         if self.mode == "int8":
             return packing.dequantize_int8(self.qweight, self.scales, dtype)
-        w = packing.dequantize_int4(packing.unpack_int4(self.qweight), self.scales, self.zeros, dtype)
+        if self.mode in LOWBIT:
+            w = packing.dequantize_lowbit(packing.unpack_lowbit(self.qweight, self.bits), self.scales, self.zeros,
+                                          self.bits, dtype)
+        else:
+            w = packing.dequantize_int4(packing.unpack_int4(self.qweight), self.scales, self.zeros, dtype)
         return w[:, :self.in_features] if self.padding else w
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +85,8 @@ class QuantizedWeight:
             path = policy().linear_path(self.mode, x.shape[0], inference=inference, fits=self.in_features % 16 == 0)
         if path == "int4_gemv":
             return gemv.gemv_int4(self._stored_layout(x), self.qweight, self.scales, self.bias).to(x.dtype)
+        if path == "lowbit_gemv":
+            return gemv_lowbit(self._stored_layout(x), self.qweight, self.scales, self.zeros, self.bits).to(x.dtype)
         if path == "int8_torch":
             y = torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), self.qweight, self.scales.to(KERNEL_DTYPE))
             return y.to(x.dtype)
@@ -84,6 +101,8 @@ class QuantizedWeight:
         included), into this thread's reused buffer with `scratch`."""
         if self.mode == "int8":
             return packing.dequant_int8(self.qweight[rows], self.scales[rows].to(KERNEL_DTYPE), scratch)
+        if self.mode in LOWBIT:
+            return packing.dequant_lowbit(self.qweight[rows], self.scales[rows], self.zeros[rows], self.bits, scratch)
         return packing.dequant_int4(self.qweight[rows], self.scales[rows], self.zeros[rows], scratch)
 
     def _expanded_linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +131,24 @@ class QuantizedWeight:
         """x with zero inputs for the stored padding columns (they add nothing), for the kernels that read the
         stored layout."""
         return F.pad(x, (0, self.padding)) if self.padding else x
+
+
+def gemv_lowbit(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                bits: int) -> torch.Tensor:
+    """x [M, K] · wᵀ for an int3/int2 weight (packed uint8 [N, K·bits/8] in `pack_lowbit`'s layout, scale and zero
+    bfloat16 [N, K/G], G 16..128) -> [M, N] float32, through lowbit.c. Contiguous CPU tensors; K a multiple of 32
+    and of G. The kernel takes x's sums per group for the zeros' part (see lowbit.c)."""
+    m, k = x.shape
+    n, groups = scale.shape
+    assert scale.dtype == zero.dtype == torch.bfloat16 and packed.dtype == torch.uint8 and bits in (2, 3)
+    assert packed.shape[1] * 8 == k * bits and k % 32 == 0 and k // groups in (16, 32, 64, 128), (k, groups)
+    assert packed.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()
+    x = x.to(KERNEL_DTYPE).contiguous()
+    group_sums = x.float().view(m, groups, k // groups).sum(-1)  # [M, groups]
+    y = torch.empty(m, n, dtype=torch.float32)
+    build.library().gemv_lowbit(x.data_ptr(), group_sums.data_ptr(), m, packed.data_ptr(), scale.data_ptr(),
+                                zero.data_ptr(), n, k, k // groups, bits, y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def _fallback(reason: str) -> None:

@@ -329,4 +329,29 @@ def render_metrics(engine: Engine, http_counts: Counter) -> str:
         ("mixtral_kv_cache_usage_ratio", "gauge", "kv_cache_tokens / kv_cache_capacity_tokens",
          [({}, engine.kv_tokens / capacity)]),
         ("mixtral_kv_cache_bytes", "gauge", "memory of the KV pool, allocated at start", [({}, engine.cache_bytes)]),
+        *_offload_metrics(getattr(engine.model, "offload_engine", None)),
     ])
+
+
+# The offloading engine's counters (`mixtral.offload.Engine.stats`), with --max-memory: name, kind, help, key.
+OFFLOAD_METRICS = [
+    ("mixtral_offload_experts_needed_total", "counter", "experts the MoE layers used (distinct per layer call)",
+     "needed"),
+    ("mixtral_offload_hits_total", "counter", "needed experts already in a slot", "hits"),
+    ("mixtral_offload_prefetch_hits_total", "counter", "needed experts a prediction had read or was reading",
+     "prefetch_hits"),
+    ("mixtral_offload_demand_loads_total", "counter", "needed experts read while the layer waited", "demand_loads"),
+    ("mixtral_offload_prefetch_loads_total", "counter", "expert reads a prediction started", "prefetch_loads"),
+    ("mixtral_offload_loads_in_vain_total", "counter", "prefetched experts evicted or unused by their layer",
+     "loads_in_vain"),
+    ("mixtral_offload_read_bytes_total", "counter", "bytes read from the expert files", "bytes_read"),
+    ("mixtral_offload_stall_seconds_total", "counter", "time the model waited for expert reads", "stall_seconds"),
+    ("mixtral_offload_slots", "gauge", "expert slots in memory", "slots"),
+]
+
+
+def _offload_metrics(offload) -> list:
+    if offload is None:
+        return []
+    stats = offload.stats()
+    return [(name, kind, text, [({}, stats[key])]) for name, kind, text, key in OFFLOAD_METRICS]

@@ -100,7 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # before loading: a port in use fails in a second, not after the weights
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                                                    quantize=args.quantize, progress=sys.stderr.isatty())
+                                                    quantize=args.quantize, progress=sys.stderr.isatty(),
+                                                    max_memory=args.max_memory, offload_policy=args.offload_policy,
+                                                    offload_dir=args.offload_dir)
         max_seq_len = args.max_seq_len or min(model.config.context_len, DEFAULT_MAX_SEQ_LEN)
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
