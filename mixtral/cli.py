@@ -61,8 +61,8 @@ def shared_parents() -> dict[str, argparse.ArgumentParser]:
                             "else the Mixtral tokenizer shipped with mistral-common when the vocabulary has "
                             f"{MIXTRAL_VOCAB} tokens)")
     group.add_argument("--dtype", choices=DTYPE_CHOICES,
-                       help="dtype of the weights in memory (default: the checkpoint's own, float32 for presets, unless "
-                            "the command's description says otherwise)")
+                       help="dtype of the weights in memory (default: the checkpoint's own, float32 for presets, "
+                            "unless the command's description says otherwise)")
     group.add_argument("--quantize", type=quantize_option, metavar="SPEC",
                        help="quantize while loading: one precision for the expert, attention and output weights "
                             "(int8: per channel; int4: groups of 128; int3, int2: groups of 64 and 16, fitted; "

@@ -15,17 +15,18 @@ full precision too), the embeddings or the norms.
           and groups of 16-128; scales and zeros fitted to the group's reconstruction error rather than its
           min and max (`quantize_lowbit`: "search" by default, HQQ's half-quadratic solver as "hqq")
 
-This module does the maths of quantizing (`quantize_int8`, `quantize_int4`; `quantize_into` puts one matrix into its
-slot of a quantized module, the one path both `quantize` and the quantize-while-loading readers take) and swaps the
-model's modules for `QuantizedLinear` / `QuantizedExperts`, whose buffers each product hands to the CPU backend as a
-`mixtral.kernels.QuantizedWeight`: the backend picks the kernel by the rows of x (int8: torch's int8 kernel, int4:
-gemv.c's GEMV, int3/int2: lowbit.c's, for few rows; the weight expanded to bf16 + torch's GEMM from there; in a MoE layer on AMX, amx.c
-expanding the experts' weights into its tiles; `mixtral.kernels.quantized` and `policy` have the crossovers). Scales
-and zeros are bf16 numbers, rounded *before* the integers are computed, so every kernel multiplies by exactly the
-stored values.
+This module does the maths of quantizing (`quantize_int8`, `quantize_int4`, `quantize_lowbit`; `quantize_into` puts
+one matrix into its slot of a quantized module, the one path both `quantize` and the quantize-while-loading
+readers take) and swaps the model's modules for `QuantizedLinear` / `QuantizedExperts`, whose buffers each product
+hands to the CPU backend as a `mixtral.kernels.QuantizedWeight`: the backend picks the kernel by the rows of x
+(int8: torch's int8 kernel; int4: gemv.c's GEMV, int3/int2: lowbit.c's, for few rows; the weight expanded to bf16
++ torch's GEMM from there; in a MoE layer on AMX, amx.c expanding the experts' weights into its tiles;
+`mixtral.kernels.quantized` and `policy` have the crossovers). Scales and zeros are bf16 numbers, rounded *before*
+the integers are computed, so every kernel multiplies by exactly the stored values.
 
 In memory the int4/int3/int2 integers are already in the layout of quantized checkpoints (`stored_layout`), so
-loading them is a straight read. Saving and loading quantized models: `mixtral.io.quantized` (the file format is described there).
+loading them is a straight read. Saving and loading quantized models: `mixtral.io.quantized` (the file format is
+described there).
 """
 from __future__ import annotations
 
@@ -367,7 +368,7 @@ def quantize_linear(linear: nn.Linear, mode: str, *, group_size: int | None = No
 # ---- the model: a precision per part ---------------------------------------------------------------------------
 
 # Each part's default group size: int4's 128 is where its error stops improving much for the bytes (docs/
-# quantization.md); int3 and int2 need smaller groups to keep the error in check, and g16 for int2 is
+# performance.md, accuracy); int3 and int2 need smaller groups to keep the error in check, and g16 for int2 is
 # mixtral-offloading's recipe for experts.
 DEFAULT_GROUP_SIZES = {"int4": 128, "int3": 64, "int2": 16}
 UNQUANTIZED = ("bf16", "none")  # how a spec says "leave this part in the model's float dtype"
@@ -383,7 +384,8 @@ class Precision:
     fit: str | None = None
 
     def __str__(self) -> str:
-        return ":".join([self.mode] + ([f"g{self.group_size}"] if self.group_size else []) + ([self.fit] if self.fit else []))
+        group = [f"g{self.group_size}"] if self.group_size else []
+        return ":".join([self.mode] + group + ([self.fit] if self.fit else []))
 
 
 def parse_precision(spec: "str | Precision | None", *, group_size: int | None = None,
@@ -585,5 +587,7 @@ def quantized_modules(model: nn.Module) -> dict[str, Quantized]:
 
 def quantization_of(model: nn.Module) -> dict[str, str | None] | None:
     """{part: spec string or None (unquantized)} for each part of a model `quantize` changed (every part in
-    TARGETS, e.g. {"experts": "int3:g64", "attention": "int8", "output": None}), else None."""
-    return getattr(model, "quantization", None)
+    TARGETS, e.g. {"experts": "int3:g64", "attention": "int8", "output": None}), else None (also when no part
+    is quantized)."""
+    parts = getattr(model, "quantization", None)
+    return parts if parts and any(parts.values()) else None

@@ -232,7 +232,8 @@ COMMANDS = {path: sub for path, sub in _commands(build_parser())}
 
 def test_every_command_is_listed():
     top = {path[0] for path in COMMANDS}
-    assert top == {"generate", "chat", "info", "convert", "quantize", "plan", "bench", "train", "serve", "data", "routes"}
+    assert top == {"generate", "chat", "info", "convert", "quantize", "plan", "bench", "train", "serve", "data",
+                   "routes"}
     assert {("routes", a) for a in ("record", "report", "html", "ablate")} <= set(COMMANDS)
     assert ("data", "prepare") in COMMANDS
 
@@ -427,7 +428,7 @@ def test_quantize_option_errors_are_usage_errors(run):
 
 def test_plan_prints_a_plan_within_the_budget(run, monkeypatch):
     from mixtral.offload import plan
-    monkeypatch.setattr(plan, "measure_machine", lambda directory: plan.Machine(1.5e9, 20e9))
+    monkeypatch.setattr(plan, "measure_machine", lambda directory, files: plan.Machine(1.5e9, 20e9))
     code, out, err = run("plan", "--model", "mixtral-8x7b", "--max-memory", "16GB")
     assert code == 0, err
     assert out.startswith("machine: disk 1.50 GB/s") and "\nplan: experts " in out and "of 16.00 GB" in out

@@ -166,3 +166,14 @@ def test_read_stack_into_checks_the_layout(good_file):
     w13, w2 = _stacks("int8")
     with ex.ExpertFile(good_file) as f, pytest.raises(CheckpointError, match="w13 is int4.*the model has int8"):
         f.read_stack_into(w13, w2)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssShmem in /proc/self/status")
+def test_aligned_buffers_are_private_memory_not_page_cache():
+    def shmem_kb():  # shared anonymous memory is shmem, which Linux also counts as page cache ("Cached")
+        return int(next(line for line in open("/proc/self/status") if line.startswith("RssShmem")).split()[1])
+    before = shmem_kb()
+    buffer = ex.aligned_buffer(64 << 20)
+    buffer.fill_(1)
+    assert buffer.data_ptr() % ex.PAGE == 0
+    assert shmem_kb() - before < 16 << 10  # 64 MB written, none of it shmem

@@ -113,3 +113,9 @@ def test_offload_budget_too_small_names_the_sizes(tmp_path):
             load("tiny", offload=bad)
     with pytest.raises(InputError, match="unknown offloading policy 'mru'"):
         load("tiny", offload="12MB", offload_policy="mru", offload_dir=tmp_path / "experts")
+
+
+def test_a_preset_is_drawn_matrix_by_matrix_as_init_weights_draws_it():
+    expected = Transformer(PRESETS["tiny"]).init_weights(3).to(torch.bfloat16).state_dict()
+    got = load("tiny", dtype="bf16", seed=3, progress=False).state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)

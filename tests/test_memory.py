@@ -41,3 +41,18 @@ def test_quantizing_while_loading_never_holds_the_float_weights(tmp_path):
                f"MiB, peak grew by {grown / 2 ** 20:.0f} MiB, bound {bound / 2 ** 20:.0f} MiB")
     assert grown < bound, numbers
     assert grown < 0.5 * weight_bytes, numbers  # quantizing after loading peaks at 1.4x the weights
+
+
+@pytest.mark.slow
+@needs_proc
+def test_mixtral_quantize_holds_one_layer_of_float_experts_at_a_time(tmp_path):
+    from mixtral.bench.load_memory import measure_quantize
+    weight_bytes = write_checkpoint(tmp_path / "ckpt", 0.4, vocab_size=4096)
+    result = measure_quantize(tmp_path / "ckpt", tmp_path / "out", "int4")
+    grown = (result["peak_kb"] - result["before_kb"]) * 1024
+    layer_experts = 8 * 3 * 3584 * 1024 * 2  # one layer's experts in bf16, before they are quantized and written
+    bound = layer_experts + ALLOWANCE + 0.1 * weight_bytes  # + the resident part (attention etc.), under 10% here
+    numbers = (f"bf16 weights {weight_bytes / 2 ** 20:.0f} MiB, written {result['model_bytes'] / 2 ** 20:.0f} MiB, "
+               f"peak grew by {grown / 2 ** 20:.0f} MiB, bound {bound / 2 ** 20:.0f} MiB")
+    assert grown < bound, numbers
+    assert (tmp_path / "out" / "config.json").exists() and not list(tmp_path.glob(".out*"))

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from mixtral import kernels, quant
-from mixtral.bench import (amx_experts, cold_gemv, e2e, gemv, load_memory, moe, offload, profile_step, quant_accuracy, serve,
-                           train_throughput)
+from mixtral.bench import (amx_experts, cold_gemv, e2e, gemv, load_memory, moe, offload, profile_step, quant_accuracy,
+                           serve, train_throughput)
 from mixtral.bench.harness import (at_least, default_threads, parse_dtypes, parse_list, print_provenance,
                                    provenance, report, transformers_version)
 from mixtral.config import DTYPE_CHOICES, PRESETS
@@ -141,11 +141,14 @@ def run_load_memory(args: argparse.Namespace) -> int:
 
 
 def _mixes(text: str | None) -> dict | None:
-    """--mixes: "default" (quant_accuracy.MIXES) or ;-separated --quantize specs (experts=int3,attention=int8;int4)."""
+    """--mixes: "default" (quant_accuracy.MIXES), "plan" (what `mixtral plan` chooses among) or ;-separated
+    --quantize specs (experts=int3,attention=int8;int4)."""
     if text is None:
         return None
     if text == "default":
         return quant_accuracy.MIXES
+    if text == "plan":
+        return quant_accuracy.plan_mixes()
     return {item.strip(): quant.parse_quantize_option(item.strip()) for item in text.split(";") if item.strip()}
 
 
@@ -356,7 +359,8 @@ def add_part_benchmarks(add, threads: int) -> None:
     q.add_argument("--kernels", action="store_true", help="time the kernels instead of measuring accuracy")
     q.add_argument("--mixes", metavar="SPECS",
                    help="measure precision mixes instead of --modes: 'default' (all int8, all int4, experts int4/int3/"
-                        "int2 with attention int8 or int4) or ;-separated --quantize specs, e.g. "
+                        "int2 with attention int8 or int4), 'plan' (every pair `mixtral plan` chooses among) or "
+                        ";-separated --quantize specs, e.g. "
                         "'int4;experts=int3,attention=int8'")
     q.add_argument("--rows", default="1,16", help="rows of x for --kernels (default: 1,16)")
     q.add_argument("--min-seconds", type=float, default=1.0, help="timing per cell for --kernels (default: 1.0)")

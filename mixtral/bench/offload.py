@@ -2,7 +2,9 @@
 models (one per expert precision), each configuration in a fresh process.
 
 For each model (a quantized checkpoint, `mixtral quantize`; or "default" / a preset, whose expert files are then
-written once into a cache directory), the disk's direct-read bandwidth is measured on the same disk first. Then,
+written once into a cache directory), the disk's direct-read bandwidth is measured first: of a quantized
+checkpoint, by reading random expert records of its own files with two readers, as the engine reads them (model
+thread + loader); otherwise of a new file in the offload directory, with one. Then,
 per budget and policy, a child process loads the model with `mixtral.load(..., offload=budget,
 offload_policy=policy)` ("all": fully resident, no engine), prefills a prompt of random tokens and decodes greedily,
 and reports: decode tokens/s, the engine's counters over the decode steps (hit rate, demand loads and MB read per
@@ -24,7 +26,9 @@ from pathlib import Path
 from typing import Sequence
 
 from mixtral.config import parse_size
-from mixtral.io.loading import OFFLOAD_POLICIES, read_quantization_config, resolve_model
+from mixtral.io.experts import read_speed
+from mixtral.io.loading import OFFLOAD_POLICIES, inspect_model, read_quantization_config, resolve_model
+from mixtral.io.quantized import open_expert_files
 from mixtral.offload import plan
 
 CHILD = r"""
@@ -96,9 +100,20 @@ def run(*, models: Sequence[str], budgets: Sequence[str], policies: Sequence[str
     print("  ".join(f"{c:>14}" for c in COLUMNS), flush=True)
     for model in models:
         path = Path(str(resolve_model(model)))
-        disk_dir = path if read_quantization_config(path) is not None else Path(offload_dir or plan.Path.home())
-        disk = plan.measure_disk(disk_dir)
-        print(f"# {model}: direct reads at {disk / 1e9:.2f} GB/s on {disk_dir}", flush=True)
+        if read_quantization_config(path) is not None:
+            # The roofline from the engine's own reads: random records of this model's expert files, two readers
+            files = open_expert_files(path, inspect_model(str(path))[0])
+            try:
+                disk = read_speed(files, reads=max(16, 4 * len(files)), threads=2)
+            finally:
+                for file in files:
+                    file.close()
+            where = f"random records of {path}, 2 readers"
+        else:
+            disk_dir = Path(offload_dir or plan.Path.home())
+            disk = plan.measure_disk(disk_dir)
+            where = f"a new file in {disk_dir}, 1 reader"
+        print(f"# {model}: direct reads at {disk / 1e9:.2f} GB/s ({where})", flush=True)
         for budget in budgets:
             for policy in (["-"] if budget == "all" else policies):
                 r = measure(model, budget, "lru" if policy == "-" else policy, prompt=prompt, tokens=tokens,

@@ -1,5 +1,5 @@
-"""`mixtral bench quant-accuracy`: what int8 and int4 weight-only quantization cost in accuracy, and what their
-kernels gain in time.
+"""`mixtral bench quant-accuracy`: what weight-only quantization (int8, int4, int3, int2, a precision per part) costs
+in accuracy, and what its kernels gain in time.
 
 Accuracy: one model (default: the random-init preset "small" in bf16; --model PATH for a checkpoint) runs
 held-out text (default: modules of Python's standard library, which every machine has) in windows, unquantized
@@ -14,8 +14,8 @@ something there, and they overstate a trained model's (random weights have no ou
 structure to lose either).
 
 --kernels: milliseconds of one product through Mixtral-8x7B's fused w1+w3 (28672 x 4096) and w2 (4096 x 14336)
-at 1 and 16 rows, bf16 F.linear (and mixtral.kernels.matmul, the model's bf16 path) against int8 and int4 at each
-group size, as the model calls them (`QuantizedWeight.linear`, casts included).
+at 1 and 16 rows, bf16 F.linear (and mixtral.kernels.matmul, the model's bf16 path) against int8, int4 at each
+group size and int3/int2 (LOWBIT_KERNELS), as the model calls them (`QuantizedWeight.linear`, casts included).
 
     mixtral bench quant-accuracy
     mixtral bench quant-accuracy --model default --corpus data/corpus   # the trained default model
@@ -90,9 +90,16 @@ MIXES = {
     "e-int4 a-int8": {"experts": "int4", "attention": "int8", "output": "int8"},
     "e-int3 a-int8": {"experts": "int3", "attention": "int8", "output": "int8"},
     "e-int3g32 a-int8": {"experts": "int3:g32", "attention": "int8", "output": "int8"},
+    "e-int3g128 a-int8": {"experts": "int3:g128", "attention": "int8", "output": "int8"},
     "e-int2g32 a-int8": {"experts": "int2:g32", "attention": "int8", "output": "int8"},
     "e-int2g16 a-int4": {"experts": "int2:g16", "attention": "int4", "output": "int8"},
 }
+
+
+def plan_mixes() -> dict[str, dict[str, str]]:
+    """The precision pairs `mixtral plan` chooses among (its QUALITY table is measured on these)."""
+    return {f"e-{e} a-{a}": {"experts": e, "attention": a, "output": "int8"}
+            for e in plan.EXPERT_CHOICES for a in plan.ATTENTION_CHOICES}
 
 
 def mixtral_8x7b_gb(quantize) -> float:
@@ -195,15 +202,23 @@ def best_of(candidates: dict, x: torch.Tensor, min_seconds: float, flush) -> dic
     return {name: 1000 * t for name, t in best.items()}
 
 
+LOWBIT_KERNELS = ("int3:g64", "int3:g128", "int2:g32", "int2:g16")
+
+
 def kernel_timings(*, rows: Sequence[int] = (1, 16), group_sizes: Sequence[int] = quant.GROUP_SIZES,
-                   min_seconds: float = 1.0) -> dict:
+                   lowbit: Sequence[str] = LOWBIT_KERNELS, min_seconds: float = 1.0) -> dict:
     """The best ms of one product through Mixtral-8x7B's w1+w3 and w2 at each of `rows`: bf16 (F.linear and ours)
-    against int8 and int4 at each of `group_sizes`, about `min_seconds` per candidate, cold cache; prints the table
-    as it goes. Returns {"benchmark": "quant-kernels", "rows": [{"weight", "rows", "ms": {candidate: ms}}]}."""
+    against int8, int4 at each of `group_sizes` and the int3/int2 precisions of `lowbit`, about `min_seconds` per
+    candidate, cold cache; prints the table as it goes, then each candidate's GB/s at one row (its bytes, scales
+    included, over its time: how near memory speed it reads). Returns {"benchmark": "quant-kernels", "rows":
+    [{"weight", "rows", "ms": {candidate: ms}}], "gb_per_s": {weight: {candidate: GB/s at the fewest rows}}}."""
     groups = list(group_sizes)
     flush = cache_flusher()
     others = OtherProcesses()
-    names = ["bf16 F.linear", "bf16 mixtral"] + ["int8"] + [f"int4 g{g}" for g in groups]
+    lowbit_names = {spec: spec.replace(":", " ") for spec in lowbit}
+    names = (["bf16 F.linear", "bf16 mixtral"] + ["int8"] + [f"int4 g{g}" for g in groups]
+             + list(lowbit_names.values()))
+    speeds = {}
     print(f"{'weight':<14}{'rows':>5}" + "".join(f"{n:>15}" for n in names) + "   (best ms; speedup vs bf16 F.linear)")
     results = []
     for n, k in [(28672, 4096), (4096, 14336)]:  # w1+w3 fused, w2 of Mixtral-8x7B
@@ -215,15 +230,26 @@ def kernel_timings(*, rows: Sequence[int] = (1, 16), group_sizes: Sequence[int] 
             linear.weight.data = w
             candidates["int8" if mode == "int8" else f"int4 g{group}"] = quant.quantize_linear(linear, mode,
                                                                                                 group_size=group or 128)
+        for spec, name in lowbit_names.items():  # min-max fit: the kernels' time does not depend on the fit
+            linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+            linear.weight.data = w
+            candidates[name] = quant.quantize_linear(linear, f"{spec}:minmax")
+        nbytes = {name: (w.numel() * 2 if name.startswith("bf16") else
+                         sum(t.numel() * t.element_size() for t in fn.buffers()))
+                  for name, fn in candidates.items()}
         for m in rows:
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
             ms = best_of(candidates, x, min_seconds, flush)
             cells = "".join(f"{ms[name]:>8.2f} {ms['bf16 F.linear'] / ms[name]:>4.1f}x" for name in names)
             print(f"{n}x{k:<8}{m:>5}{cells}", flush=True)
             results.append({"weight": f"{n}x{k}", "rows": m, "ms": ms})
+            if m == min(rows):
+                speeds[f"{n}x{k}"] = {name: nbytes[name] / ms[name] / 1e6 for name in names}
+    for weight, gbs in speeds.items():
+        print(f"# GB/s at {min(rows)} row(s), {weight}: " + ", ".join(f"{name} {v:.1f}" for name, v in gbs.items()))
     share = others.share()
     print(f"# other processes used {share:.0%} of the CPUs meanwhile" if share is not None else "")
-    return {"benchmark": "quant-kernels", "rows": results, "other_processes": share}
+    return {"benchmark": "quant-kernels", "rows": results, "gb_per_s": speeds, "other_processes": share}
 
 
 def print_header() -> None:

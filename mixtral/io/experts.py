@@ -25,7 +25,10 @@ import errno
 import json
 import mmap
 import os
+import random
 import struct
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -54,8 +57,10 @@ def _round_up(n: int, to: int) -> int:
 
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
-    """A zeroed uint8 tensor of `nbytes` whose memory starts on a page (anonymous mmap), as O_DIRECT reads need."""
-    buffer = mmap.mmap(-1, max(nbytes, 1))
+    """A zeroed uint8 tensor of `nbytes` whose memory starts on a page (anonymous mmap), as O_DIRECT reads need.
+    Private, not mmap's default shared mapping: shared anonymous memory is shmem, which Linux counts as page cache
+    ("Cached") and does not back with transparent huge pages."""
+    buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE") and nbytes >= 2 << 20:
         buffer.madvise(mmap.MADV_HUGEPAGE)  # large records: fewer TLB misses for the kernels that read them
     return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
@@ -185,7 +190,8 @@ class ExpertFile:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{self.path}: the header is not valid JSON ({e})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise CheckpointError(f"{self.path}: not an expert file (format {header.get('format') if isinstance(header, dict) else None!r})")
+            found = header.get("format") if isinstance(header, dict) else None
+            raise CheckpointError(f"{self.path}: not an expert file (format {found!r})")
         if header.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{self.path}: expert file format_version {header.get('format_version')!r}; this "
                                   f"version of mixtral reads {FORMAT_VERSION}")
@@ -253,7 +259,8 @@ class ExpertFile:
         if not direct:
             done = self._read_fully(self._fd, target, offset)
             # Keep the page cache for the rest of the machine: the engine holds what it read in its own slots.
-            os.posix_fadvise(self._fd, offset, self.record_bytes, os.POSIX_FADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):  # not on macOS
+                os.posix_fadvise(self._fd, offset, self.record_bytes, os.POSIX_FADV_DONTNEED)
         if done < self.record_bytes:
             raise CheckpointError(f"{self.path}: short read of expert {e}: {done} of {self.record_bytes} bytes "
                                   f"(the file was truncated after it was opened)")
@@ -328,3 +335,36 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def open_expert_files(paths) -> list[ExpertFile]:
+    """The ExpertFile of each path (all closed again if one fails to open). Raises CheckpointError."""
+    files = []
+    try:
+        for path in paths:
+            files.append(ExpertFile(path))
+    except BaseException:
+        for file in files:
+            file.close()
+        raise
+    return files
+
+
+def read_speed(files: list[ExpertFile], reads: int = 32, threads: int = 2, seed: int = 0) -> float:
+    """Bytes/s of reading `reads` records chosen at random from `files` (as the offloading engine reads them:
+    `read_into` a page-aligned buffer, O_DIRECT where the filesystem takes it) by `threads` readers at once, the
+    engine's model thread and loader. The disk roofline of the engine's reads, measured on its own files."""
+    picks = random.Random(seed).choices([(f, e) for f in files for e in range(f.n_experts)], k=reads)
+    record = max(f.record_bytes for f in files)
+    buffers = [aligned_buffer(record) for _ in range(threads)]
+
+    def reader(i: int) -> None:
+        for file, e in picks[i::threads]:
+            file.read_into(e, buffers[i])
+    workers = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(f.record_bytes for f, _ in picks) / (time.perf_counter() - start)

@@ -73,7 +73,8 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     """A model from a checkpoint directory (HF or Mistral-native layout, or a quantized one `mixtral quantize` or
     `mixtral.io.quantized.save_quantized` wrote), "default" (the trained model bundled with mixtral) or a preset.
 
-    A preset gives a randomly initialised model (seeded with `seed`, float32 unless `dtype` says otherwise).
+    A preset gives a randomly initialised model (seeded with `seed`, float32 unless `dtype` says otherwise), drawn
+    one matrix at a time into the model's memory (`random_quantized`).
     quantize: one precision for every part ("int8", "int4", "int3:g64", ...) or one per part ({"experts": "int3",
     "attention": "int8", "output": "int8"}; parts not named stay in `dtype`), as `mixtral.quant.quantize` takes,
     with its exact result. The float matrices are never all in memory: each is staged, quantized into place and
@@ -104,9 +105,8 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     path, saved = Path(path_or_preset), None
     if is_preset(path_or_preset) and quantize is not None:
         model = random_quantized(from_name(path_or_preset), quantize, seed, dtype or torch.float32).to(device)
-    elif is_preset(path_or_preset):
-        model = Transformer(from_name(path_or_preset)).init_weights(seed)
-        model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    elif is_preset(path_or_preset):  # drawn matrix by matrix: never a float32 copy of the whole model
+        model = random_quantized(from_name(path_or_preset), "none", seed, dtype or torch.float32).to(device)
     elif not path.exists():
         raise _neither(path)
     elif read_quantization_config(path) is not None:
@@ -170,6 +170,7 @@ def _load_offloaded(path_or_preset, budget: int, *, dtype, device, progress, see
             quantize_checkpoint(path_or_preset, checkpoint, quantize or {}, dtype=dtype, seed=seed,
                                 progress=progress)
     model = load_quantized(checkpoint, dtype=dtype, experts=False)
+    _drop_cached_pages(checkpoint)
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not None)
     files = open_expert_files(checkpoint, model.config)
     try:
@@ -187,6 +188,22 @@ def _load_offloaded(path_or_preset, budget: int, *, dtype, device, progress, see
             f.close()
         raise
     return model.eval()
+
+
+def _drop_cached_pages(checkpoint: Path) -> None:
+    """Ask Linux to drop the page cache of the resident part's files once they are read: under a memory budget,
+    the copy in the model is the one to keep (a cgroup limit counts the page cache too)."""
+    if not hasattr(os, "posix_fadvise"):  # not on macOS
+        return
+    for file in checkpoint.glob("*.safetensors"):
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _spec_strings(quantize: "str | dict") -> dict[str, str | None]:
@@ -219,6 +236,9 @@ def random_quantized(config: ModelConfig, quantize: "str | dict", seed: int = 0,
     stacks: dict[str, object] = {}
     with torch.no_grad():
         for name, meta in tqdm(order, desc="random weights", unit="tensor", disable=not progress, leave=False):
+            if name in params and params[name].dim() == 3:  # an unquantized expert stack: one expert at a time
+                _draw_into(params[name], name, meta, generator, dtype)
+                continue
             if name in params:
                 params[name].copy_(init_parameter_(name, torch.empty(meta.shape), generator))
                 continue

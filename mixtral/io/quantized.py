@@ -155,17 +155,12 @@ def saved_settings(path: str | os.PathLike) -> dict[str, str | None]:
 def open_expert_files(path: str | os.PathLike, config: ModelConfig) -> list:
     """The `mixtral.io.experts.ExpertFile` of every layer of a format-2 directory, checked against `config`.
     Raises CheckpointError naming the file that is missing, truncated or does not fit."""
-    files = []
-    try:
-        for i in range(config.n_layers):
-            file = expert_files.ExpertFile(experts_path(path, i))
-            files.append(file)
-            if file.n_experts != config.n_experts:
-                raise CheckpointError(f"{file.path}: {file.n_experts} experts, config.json says {config.n_experts}")
-    except BaseException:
-        for file in files:
-            file.close()
-        raise
+    files = expert_files.open_expert_files(experts_path(path, i) for i in range(config.n_layers))
+    for file in files:
+        if file.n_experts != config.n_experts:
+            for f in files:
+                f.close()
+            raise CheckpointError(f"{file.path}: {file.n_experts} experts, config.json says {config.n_experts}")
     return files
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger("mixtral")
 
 SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "amx.c", "lowbit.c")]
+HEADERS = [Path(__file__).with_name("bf16.h")]  # included by the sources: part of the build's hash
 
 
 def cpu_has(flag: str) -> bool:
@@ -78,7 +79,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MIXTRAL_KERNELS", "1") == "0":
         log.info("mixtral kernels disabled by MIXTRAL_KERNELS=0; using torch's linear")
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     extra = os.environ.get("MIXTRAL_KERNEL_CFLAGS", "").split()  # for benchmarks (gemv.c's PREFETCH_ROWS)
     tag = hashlib.sha256(source + " ".join(extra).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MIXTRAL_CACHE", Path.home() / ".cache" / "mixtral")) / "kernels"

@@ -11,19 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 // Software prefetch, into L2, of the weight rows this many rows ahead: the hardware prefetcher alone left the
 // int4 kernel at 9.4 GB/s from a cold cache (its rows are 2 KB, short streams) and the bf16 one at 29; with it,

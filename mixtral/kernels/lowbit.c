@@ -20,19 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float lb_bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t lb_float_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 // Weight k of a packed row (portable path): a 3-bit field may straddle two bytes, never the row's end.
 static inline int lb_get(const uint8_t *row, int bits, long k) {
@@ -84,7 +72,7 @@ static inline __m512i lb_unpack(__m512i bytes, __m512i shuffle, __m512i shift, _
 // The scales of a period (a group of G >= 32, or a block holding two groups of 16) as float lanes of its dot
 // products: one value, or lanes 0-7 the first group's and 8-15 the second's.
 static inline __m512 lb_scales(const uint16_t *s, int two) {
-    if (!two) return _mm512_set1_ps(lb_bf16_to_float(s[0]));
+    if (!two) return _mm512_set1_ps(bf16_to_float(s[0]));
     uint32_t pair;
     memcpy(&pair, s, 4);
     __m512i v = _mm512_set1_epi32((int)pair);  // bf16 -> float: the high half already is, the low one shifts up
@@ -210,10 +198,10 @@ static void lowbit_row(const uint8_t *q, const uint16_t *S, const uint16_t *Z, i
     const __mmask16 upper = (__mmask16)(0xFFFFu << levels);  // table entries of the second group
     for (int k0 = 0; k0 < K; k0 += period) {
         const int g = k0 / G, g2 = two ? g + 1 : g;
-        const __m512 sv = _mm512_mask_blend_ps(upper, _mm512_set1_ps(lb_bf16_to_float(S[g])),
-                                               _mm512_set1_ps(lb_bf16_to_float(S[g2])));
-        const __m512 zv = _mm512_mask_blend_ps(upper, _mm512_set1_ps(lb_bf16_to_float(Z[g])),
-                                               _mm512_set1_ps(lb_bf16_to_float(Z[g2])));
+        const __m512 sv = _mm512_mask_blend_ps(upper, _mm512_set1_ps(bf16_to_float(S[g])),
+                                               _mm512_set1_ps(bf16_to_float(S[g2])));
+        const __m512 zv = _mm512_mask_blend_ps(upper, _mm512_set1_ps(bf16_to_float(Z[g])),
+                                               _mm512_set1_ps(bf16_to_float(Z[g2])));
         // (q - H) * s is exact in float32 (a 3-bit integer times a bf16), so the fused add rounds only once, as
         // torch's multiply then add does.
         const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(level, sv, zv)));
@@ -226,8 +214,8 @@ static void lowbit_row(const uint8_t *q, const uint16_t *S, const uint16_t *Z, i
 #else
     (void)last;
     for (int k = 0; k < K; k++) {
-        const float s = lb_bf16_to_float(S[k / G]), z = lb_bf16_to_float(Z[k / G]);
-        o[k] = lb_float_to_bf16((float)(lb_get(q, bits, k) - half) * s + z);
+        const float s = bf16_to_float(S[k / G]), z = bf16_to_float(Z[k / G]);
+        o[k] = float_to_bf16((float)(lb_get(q, bits, k) - half) * s + z);
     }
 #endif
 }

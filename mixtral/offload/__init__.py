@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mixtral.errors import InputError
 from mixtral.io.checkpoint import drop_experts
-from mixtral.io.experts import ExpertFile, file_name, write_layer_experts
+from mixtral.io.experts import ExpertFile, file_name, open_expert_files, write_layer_experts
 from mixtral.model import Transformer
 from mixtral.offload.engine import COUNTERS, POLICIES, PREDICT, Engine, check_files
 
@@ -74,16 +74,3 @@ def write_expert_files(model: Transformer, directory: str | os.PathLike) -> list
             raise InputError("write_expert_files needs a model that holds its experts (this one was stripped)")
         paths.append(write_layer_experts(directory / file_name(i), layer.moe.w13, layer.moe.w2, layer=i))
     return paths
-
-
-def open_expert_files(paths: list[str | os.PathLike]) -> list[ExpertFile]:
-    """The ExpertFile of each path (all closed again if one fails to open). Raises CheckpointError."""
-    files = []
-    try:
-        for path in paths:
-            files.append(ExpertFile(path))
-    except BaseException:
-        for file in files:
-            file.close()
-        raise
-    return files

@@ -10,14 +10,16 @@ import json
 from pathlib import Path
 
 from mixtral.config import parse_size
-from mixtral.errors import InputError
-from mixtral.io.loading import inspect_model
+from mixtral.errors import CheckpointError, InputError
+from mixtral.io.loading import inspect_model, is_preset, read_quantization_config, resolve_model
+from mixtral.io.quantized import open_expert_files
 from mixtral.offload import plan
 
 PLAN_EPILOG = """\
-Measures this machine's disk (direct reads of a temporary file in --disk-dir) and memory bandwidth, then
-estimates tokens/s for each mix of expert and attention precision that fits (batch 1, see mixtral.offload.plan
-for the model of a step), and prints the fastest within the quality floor, then the others.
+Measures this machine's disk (direct reads of the model's expert files when it is a quantized checkpoint, else of
+a temporary file in --disk-dir) and memory bandwidth, then estimates tokens/s for each mix of expert and attention
+precision that fits (batch 1, see mixtral.offload.plan for the model of a step), and prints the fastest within the
+quality floor, then the others.
 
 examples:
   mixtral plan --model mixtral-8x7b --max-memory 16GB
@@ -33,8 +35,9 @@ def add_plan_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> 
                               description="Given a memory budget, choose what stays resident, the experts' "
                                           "precision and the number of expert slots, and estimate tokens/s.")
     p.add_argument("--max-memory", required=True, metavar="SIZE", help="the budget, e.g. 16GB or 12GiB")
-    p.add_argument("--max-quality-loss", type=float, default=None, metavar="PERCENT",
-                   help="largest perplexity increase to accept, in percent (default: any)")
+    p.add_argument("--max-quality-loss", type=float, default=100 * plan.DEFAULT_QUALITY_FLOOR, metavar="PERCENT",
+                   help="largest perplexity increase to accept, in percent, as measured on the default model "
+                        f"(default: {100 * plan.DEFAULT_QUALITY_FLOOR:g}; a negative value: any)")
     p.add_argument("--context", type=int, default=4096, help="tokens of KV cache to reserve (default: 4096)")
     p.add_argument("--disk-dir", type=Path, default=Path.home() / ".cache" / "mixtral",
                    help="a directory on the disk the experts will be read from (default: ~/.cache/mixtral)")
@@ -48,14 +51,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.context < 1:
         raise InputError(f"--context must be at least 1, got {args.context}")
     config, _ = inspect_model(args.model)
-    machine = plan.measure_machine(args.disk_dir)
-    loss = None if args.max_quality_loss is None else args.max_quality_loss / 100
+    files = _expert_files(args.model, config)
+    try:
+        machine = plan.measure_machine(args.disk_dir, files)
+    finally:
+        for file in files:
+            file.close()
+    loss = None if args.max_quality_loss < 0 else args.max_quality_loss / 100
     found = plan.plans(config, budget, machine, context=args.context, max_quality_loss=loss)
     if args.json:
         print(json.dumps({"machine": vars(machine), "plans": [
             {**vars(p), "tokens_per_s": p.tokens_per_s, "memory_bytes": p.memory_bytes} for p in found]}, indent=2))
         return 0
-    print(f"machine: disk {machine.disk_bytes_per_s / 1e9:.2f} GB/s (direct reads in {args.disk_dir}), "
+    where = f"random expert records of {args.model}" if files else f"a new file in {args.disk_dir}"
+    print(f"machine: disk {machine.disk_bytes_per_s / 1e9:.2f} GB/s (direct reads of {where}), "
           f"memory {machine.memory_bytes_per_s / 1e9:.1f} GB/s")
     if not found:
         smallest = plan.resident_bytes(config, "int4", "int8", args.context) + config.top_k * plan.expert_bytes(
@@ -65,12 +74,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     best = found[0]
     print(f"plan: {plan.describe(best, budget)}")
     parts = " ".join(f"--{part} {spec}" for part, spec in best.quantize.items())
-    print(f"run:  mixtral quantize {args.model} OUT {parts}\n      mixtral generate --model OUT --max-memory "
+    source = "FLOAT_CHECKPOINT" if files else args.model  # a quantized checkpoint cannot be quantized again
+    print(f"run:  mixtral quantize {source} OUT {parts}\n      mixtral generate --model OUT --max-memory "
           f"{args.max_memory} \"...\"")
     print("\nother plans that fit, fastest first:")
     for p in found[1:]:
         print(f"  {plan.describe(p, budget)}")
     return 0
+
+
+def _expert_files(model: str, config) -> list:
+    """The expert files of `model` when it is a quantized checkpoint that has them (the disk is then measured on
+    them), else []."""
+    if is_preset(model) or read_quantization_config(resolve_model(model)) is None:
+        return []
+    try:
+        return open_expert_files(resolve_model(model), config)
+    except CheckpointError:  # format 1: its experts are in model.safetensors
+        return []
 
 
 def stats_lines(stats: dict) -> list[str]:

@@ -24,7 +24,8 @@ A layer whose experts (the union over a batch's tokens) outnumber the slots runs
 once, in expert order: the float32 sum of each token's experts is then added in the same order as in one pass.
 Loads are done by `loaders` background threads (os.preadv releases the GIL) and, for the reads the running layer
 waits for, by the model's thread too when no loader has started them; demand reads go ahead of prefetches in the
-queue, and a demand for an expert whose read is in flight waits for that read instead of starting another. Slots being read or used by the running layer are pinned: never evicted.
+queue, and a demand for an expert whose read is in flight waits for that read instead of starting another. Slots
+being read or used by the running layer are pinned: never evicted.
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 expert slots, from this machine's measured disk and memory bandwidth, and say what tokens/s to expect.
 
 The model of a decoding step (batch 1) that the plan optimises, per token:
-- compute: every weight a token touches is read once from memory: attention, router and output at their
-  precision, top_k experts per layer at theirs. At `memory_bytes_per_s` that is the memory roofline.
+- compute: every weight a token touches is read once from memory: attention and output at their precision, top_k
+  experts per layer at theirs, each at the speed its kernel reads (`memory_bytes_per_s`, the bf16 GEMV's, times
+  `KERNEL_SPEED` of the precision: the low-bit kernels are bound by unpacking).
 - I/O: with experts offloaded, each layer keeps `slots / n_layers` of its experts on average; a needed expert is
   in memory with probability `hit_rate` (for routing that is close to random, as a random-weight model's is:
   slots_per_layer / n_experts; a trained router's locality and next-layer prediction do better: measured with
@@ -24,17 +25,31 @@ from pathlib import Path
 
 import torch
 
-from mixtral import quant
+from mixtral import kernels, quant
 from mixtral.config import ModelConfig
+from mixtral.io.experts import read_speed
 
 # The precisions the plan chooses among, best quality first.
-EXPERT_CHOICES = ("bf16", "int8", "int4", "int3", "int2:g32")
+EXPERT_CHOICES = ("bf16", "int8", "int4", "int3", "int3:g128", "int2:g32")
 ATTENTION_CHOICES = ("bf16", "int8", "int4")
 
-# Perplexity change (fraction) of the default model with its experts at each precision and attention int8, output
-# int8, against bf16 everywhere (`mixtral bench quant-accuracy --mixes`; docs/offloading.md). Filled from the
-# measurement; a precision missing here is treated as unmeasured and only chosen when no floor is set.
-QUALITY: dict[str, float] = {}
+# Perplexity change (fraction) of the default model with its experts and attention at these precisions and the
+# output int8, against bf16 everywhere: `mixtral bench quant-accuracy --model default --corpus data/corpus --mixes
+# plan --tokens 8192` on 2026-12-03 (docs/offloading.md). Negative: within the noise of bf16 rounding (fp32 is
+# -0.05%). A pair missing here is unmeasured: chosen only when no floor is set.
+QUALITY: dict[tuple[str, str], float] = {
+    ("bf16", "bf16"): -0.0002, ("bf16", "int8"): -0.0010, ("bf16", "int4"): 0.0019, ("int8", "bf16"): 0.0001,
+    ("int8", "int8"): -0.0006, ("int8", "int4"): 0.0019, ("int4", "bf16"): 0.0045, ("int4", "int8"): 0.0039,
+    ("int4", "int4"): 0.0047, ("int3", "bf16"): 0.0057, ("int3", "int8"): 0.0049, ("int3", "int4"): 0.0062,
+    ("int3:g128", "bf16"): 0.0096, ("int3:g128", "int8"): 0.0096, ("int3:g128", "int4"): 0.0126,
+    ("int2:g32", "bf16"): 0.0533, ("int2:g32", "int8"): 0.0532, ("int2:g32", "int4"): 0.0572,
+}
+DEFAULT_QUALITY_FLOOR = 0.05  # the perplexity increase `mixtral plan` accepts unless told otherwise
+
+# How fast each precision's one-row kernel reads its bytes, as a share of the bf16 GEMV's speed (which is memory
+# speed): the low-bit ones are bound by unpacking. `mixtral bench quant-accuracy --kernels` on the AMD EPYC of
+# 2026-12-03 (bf16 37.4-37.9 GB/s; int8 20-23, int4 g128 20-25, int3 g128 12.6-14.3, int2 8-10).
+KERNEL_SPEED = {"bf16": 1.0, "int8": 0.57, "int4": 0.60, "int3": 0.35, "int2": 0.24}
 
 GB = 1e9
 
@@ -64,7 +79,8 @@ def measure_disk(directory: str | os.PathLike, size: int = 256 << 20, block: int
         except OSError:
             fd = os.open(f.name, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):  # not on macOS
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             start = time.perf_counter()
             for offset in range(0, size, block):
                 os.preadv(fd, [buffer], offset)
@@ -76,19 +92,26 @@ def measure_disk(directory: str | os.PathLike, size: int = 256 << 20, block: int
 
 
 def measure_memory(size: int = 512 << 20) -> float:
-    """Bytes/s of reading a `size`-byte tensor from memory (the best of 3 sums, all threads): the roofline a
-    decoding step's weight reads run against."""
-    x = torch.ones(size // 4)  # float32: torch's reduction runs at memory speed (a bf16 one with a float32
-    best = float("inf")        # accumulator is compute-bound, at a tenth of it)
+    """Bytes/s at which decoding reads a bf16 weight: `kernels.matmul` of one row through a `size`-byte matrix
+    (larger than any last-level cache), the best of 3, all threads. The roofline of a decoding step's weight reads;
+    the quantized kernels reach `KERNEL_SPEED` of it."""
+    k = 16384
+    w = torch.ones(size // 2 // k, k, dtype=torch.bfloat16)
+    x = torch.ones(1, k, dtype=torch.bfloat16)
+    kernels.matmul(x, w)  # the first call builds the kernels
+    best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        x.sum()
+        kernels.matmul(x, w)
         best = min(best, time.perf_counter() - start)
-    return size / best
+    return w.numel() * 2 / best
 
 
-def measure_machine(directory: str | os.PathLike) -> Machine:
-    return Machine(measure_disk(directory), measure_memory())
+def measure_machine(directory: str | os.PathLike, expert_files: list | None = None) -> Machine:
+    """The machine's disk and memory speed: the disk from random records of `expert_files` (a quantized
+    checkpoint's, read as the engine reads them) when given, else from a new file in `directory`."""
+    disk = read_speed(expert_files) if expert_files else measure_disk(directory)
+    return Machine(disk, measure_memory())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +127,7 @@ class Plan:
     read_bytes_per_token: float
     compute_seconds: float
     io_seconds: float
-    quality: float | None  # perplexity change of the expert precision (None: unmeasured)
+    quality: float | None  # perplexity change of this experts + attention precision (None: unmeasured)
 
     @property
     def tokens_per_s(self) -> float:
@@ -119,16 +142,21 @@ class Plan:
         return {"experts": self.experts, "attention": self.attention, "output": self.output}
 
 
+def attention_bytes(config: ModelConfig, attention: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of one layer's wq, wk, wv and wo at the precision `attention`."""
+    d, hd = config.dim, config.head_dim
+    return (quant.matrix_bytes(attention, config.n_heads * hd, d, dtype)
+            + 2 * quant.matrix_bytes(attention, config.n_kv_heads * hd, d, dtype)
+            + quant.matrix_bytes(attention, d, config.n_heads * hd, dtype))
+
+
 def resident_bytes(config: ModelConfig, attention: str, output: str, context: int,
                    dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of everything but the experts: embeddings, output, attention, routers, norms, and the KV cache of
     `context` tokens (one sequence) in `dtype`."""
     d, hd = config.dim, config.head_dim
-    attention_bytes = (quant.matrix_bytes(attention, config.n_heads * hd, d, dtype)
-                       + 2 * quant.matrix_bytes(attention, config.n_kv_heads * hd, d, dtype)
-                       + quant.matrix_bytes(attention, d, config.n_heads * hd, dtype))
     router = config.n_experts * d * dtype.itemsize if config.n_experts > 1 else 0
-    per_layer = attention_bytes + router + 2 * d * dtype.itemsize
+    per_layer = attention_bytes(config, attention, dtype) + router + 2 * d * dtype.itemsize
     kv = 2 * config.n_kv_heads * hd * context * dtype.itemsize
     embeddings = config.vocab_size * d * dtype.itemsize
     out = 0 if config.tie_embeddings and output == "bf16" else quant.matrix_bytes(output, config.vocab_size, d, dtype)
@@ -156,11 +184,20 @@ def estimate(config: ModelConfig, budget: int, machine: Machine, *, experts: str
     if hit_rate is None:
         hit_rate = min(1.0, slots / config.n_layers / config.n_experts) if offloaded else 1.0
     misses = config.n_layers * config.top_k * (1 - hit_rate)
-    touched = (resident - config.n_layers * 2 * config.n_kv_heads * config.head_dim * context * 2
-               - config.vocab_size * config.dim * 2  # only one embedding row is read
-               + config.n_layers * config.top_k * one)
+    # What a token reads from memory, each part at the speed of its precision's kernel
+    bandwidth = machine.memory_bytes_per_s
+    attention_read = config.n_layers * attention_bytes(config, attention)
+    output_read = quant.matrix_bytes(output, config.vocab_size, config.dim)
+    experts_read = config.n_layers * config.top_k * one
+    compute = (attention_read / (bandwidth * _speed(attention)) + output_read / (bandwidth * _speed(output))
+               + experts_read / (bandwidth * _speed(experts)))
     return Plan(experts, attention, output, resident, one, slots, offloaded, hit_rate, misses * one,
-                touched / machine.memory_bytes_per_s, misses * one / machine.disk_bytes_per_s, QUALITY.get(experts))
+                compute, misses * one / machine.disk_bytes_per_s, QUALITY.get((experts, attention)))
+
+
+def _speed(precision: str) -> float:
+    parsed = quant.parse_precision(precision)
+    return KERNEL_SPEED[parsed.mode if parsed else "bf16"]
 
 
 def plans(config: ModelConfig, budget: int, machine: Machine, *, context: int = 4096,
