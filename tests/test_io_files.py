@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -64,3 +65,16 @@ def test_atomic_directory_can_refuse_to_replace(tmp_path):
         with files.atomic_directory(tmp_path / "out", replace=False) as tmp:
             (tmp / "f").write_text("x")
     assert _only(tmp_path) == ["out"] and _only(tmp_path / "out") == []
+
+
+def test_written_files_and_directories_get_the_umasks_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with files.atomic_open(tmp_path / "a.txt", "w") as f:
+            f.write("x")
+        with files.atomic_directory(tmp_path / "d") as d:
+            (d / "inner").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -29,7 +29,14 @@ def _temporary_name(path: Path) -> Path:
     # extension (matplotlib's savefig, numpy's savez) then write what the final name says.
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp's 0600 is for a private temporary, not for what it becomes
     return Path(name)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _fsync(path: Path) -> None:
@@ -94,9 +101,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
     and the rename, for a moment, neither."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for a private temporary, not for what it becomes
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 is for a private temporary, not for what it becomes
     try:
         yield tmp
         fsync_tree(tmp)
