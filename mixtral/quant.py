@@ -336,17 +336,17 @@ def empty_quantized(w: torch.Tensor, mode: str, group_size: int, cls: type[Quant
     return cls(mode, qweight, scales, zeros, group, n, in_features)
 
 
-def _empty_quantized(w: torch.Tensor, precision: "Precision", cls: type[Quantized]) -> Quantized:
+def _empty_quantized(w: torch.Tensor, precision: "Precision", cls: type[Quantized],
+                     device: str | torch.device | None = None) -> Quantized:
     """`empty_quantized` for a part's precision, the fit recorded for `quantize_into`."""
-    module = empty_quantized(w, precision.mode, precision.group_size, cls)
+    module = empty_quantized(w, precision.mode, precision.group_size, cls, device)
     module.fit = precision.fit
     return module
 
 
 def _quantized(w: torch.Tensor, precision: "Precision", cls: type[Quantized]) -> Quantized:
     # Quantized on the CPU one matrix at a time (the float32 temporaries are one matrix, not the stack).
-    module = empty_quantized(w, precision.mode, precision.group_size, cls, device="cpu")
-    module.fit = precision.fit
+    module = _empty_quantized(w, precision, cls, device="cpu")
     w = w.detach()
     for i, matrix in enumerate(w if cls is QuantizedExperts else [w]):
         quantize_into(module, i if cls is QuantizedExperts else None, matrix.cpu())
@@ -470,8 +470,13 @@ def parse_quantize_option(text: str) -> "str | dict[str, str]":
     return parts
 
 
-def describe(settings: dict[str, Precision | None]) -> str:
-    """"experts int3:g64, attention int8, output bf16" (unquantized parts as "float")."""
+def spec_strings(settings: dict[str, Precision | None]) -> dict[str, str | None]:
+    """{part: spec string or None} of `quantization_settings`' result: what configs and messages hold."""
+    return {part: str(p) if p else None for part, p in settings.items()}
+
+
+def describe(settings: dict[str, Precision | str | None]) -> str:
+    """"experts int3:g64, attention int8, output float" (unquantized parts as "float")."""
     return ", ".join(f"{part} {settings[part] or 'float'}" for part in TARGETS)
 
 
@@ -513,7 +518,7 @@ def quantize(module: nn.Module, mode: "str | dict", *, group_size: int | None = 
     if any(isinstance(m, Quantized) for m in module.modules()):
         raise InputError("this model is already quantized; load the unquantized weights to quantize again")
     _swap(module, settings, _quantized)
-    module.quantization = {part: str(p) if p else None for part, p in settings.items()}
+    module.quantization = spec_strings(settings)
     return module
 
 
@@ -548,7 +553,7 @@ def empty_quantized_model(config: ModelConfig, dtype: torch.dtype, quantize: "st
             on_meta(model)
 
     model = empty_model(config, dtype, on_meta=swap)
-    model.quantization = {part: str(p) if p else None for part, p in settings.items()}
+    model.quantization = spec_strings(settings)
     return model
 
 

@@ -27,6 +27,15 @@ from mixtral.errors import InputError
 from mixtral.io.files import write_json
 from mixtral.quant import MODES as QUANT_MODES
 
+# The start of the scripts the memory benchmarks run in a fresh process: peak and current resident memory.
+CHILD_STATUS_KB = r"""
+def status_kb(field):
+    # VmHWM, not ru_maxrss: after fork+exec ru_maxrss still counts the parent's resident pages at fork time.
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+"""
+
 # ---- measuring -------------------------------------------------------------------------------------------------
 
 def timed(fn: Callable[[], object], repeats: int, min_seconds: float, warmup: int = 1, best: bool = False,

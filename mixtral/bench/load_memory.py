@@ -23,6 +23,7 @@ import torch
 
 from tqdm import tqdm
 
+from mixtral.bench.harness import CHILD_STATUS_KB
 from mixtral.config import ModelConfig, from_name, to_hf_dict, with_overrides
 from mixtral.io.checkpoint import TensorPlan, save_hf, write_safetensors
 from mixtral.io.files import write_json
@@ -31,14 +32,9 @@ from mixtral.model import Transformer, random_model
 
 LOADERS = ("mixtral", "transformers")
 
-CHILD = r"""
+CHILD = CHILD_STATUS_KB + r"""
 import json, sys, time
 import torch
-def status_kb(field):
-    # VmHWM, not ru_maxrss: after fork+exec ru_maxrss still counts the parent's resident pages at fork time.
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
 loader, path, quantize = sys.argv[1], sys.argv[2], (sys.argv[3:] or [None])[0]
 if loader == "mixtral":
     import mixtral
@@ -63,15 +59,11 @@ print(json.dumps({"before_kb": before, "peak_kb": status_kb("VmHWM"), "after_kb"
 """
 
 
-QUANTIZE_CHILD = r"""
-import json, os, sys, tempfile, time
+QUANTIZE_CHILD = CHILD_STATUS_KB + r"""
+import json, os, sys, time
 import torch
 import mixtral
 from mixtral.io.loading import quantize_checkpoint
-def status_kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
 path, out, quantize = sys.argv[1], sys.argv[2], sys.argv[3]
 with torch.device("meta"):
     mixtral.Transformer(mixtral.from_name("tiny")).to(torch.bfloat16)

@@ -25,23 +25,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mixtral.bench.harness import CHILD_STATUS_KB
 from mixtral.config import parse_size
 from mixtral.io.experts import read_speed
 from mixtral.io.loading import OFFLOAD_POLICIES, inspect_model, read_quantization_config, resolve_model
 from mixtral.io.quantized import open_expert_files
 from mixtral.offload import plan
 
-CHILD = r"""
+CHILD = CHILD_STATUS_KB + r"""
 import json, sys, time
 import torch
 import mixtral
 from mixtral.cache import KVCache
 from mixtral.generate import decode_step, prefill
-
-def status_kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
 
 def cached_kb():
     for line in open("/proc/meminfo"):

@@ -261,7 +261,7 @@ def add_quantize_parser(subparsers, parents: dict[str, argparse.ArgumentParser])
 def cmd_quantize(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     check_destination(src, out, args.force)
-    settings = {part: str(p) if p else None for part, p in quant.quantization_settings(args.quantize).items()}
+    settings = quant.spec_strings(quant.quantization_settings(args.quantize))
     for part in quant.TARGETS:
         if getattr(args, part) is not None:
             settings[part] = getattr(args, part)
@@ -269,8 +269,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     parts = quant.describe(quant.quantization_settings(settings))
     source = f"preset {args.src} (random weights, seed {args.seed})" if is_preset(args.src) else str(src)
     print(f"wrote {out} from {source}: {parts}")
-    total = 0
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        total += path.stat().st_size
+    total = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
     print(f"  {len(list((out / 'experts').glob('*.experts')))} expert files, {human_bytes(total)} in all")
     return 0

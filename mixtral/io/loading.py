@@ -110,10 +110,7 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     elif not path.exists():
         raise _neither(path)
     elif read_quantization_config(path) is not None:
-        saved = saved_settings(path)
-        if quantize is not None and _spec_strings(quantize) != saved:
-            raise InputError(f"{path} is already quantized ({_describe(saved)}); it cannot be quantized to "
-                             f"{_describe(_spec_strings(quantize))} (load the unquantized checkpoint instead)")
+        saved = _check_saved(path, quantize)
         model = load_quantized(path, dtype=dtype, device=device)
     else:
         model = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
@@ -157,10 +154,7 @@ def _load_offloaded(path_or_preset, budget: int, *, dtype, device, progress, see
     if not is_preset(path_or_preset) and not path.exists():
         raise _neither(path)
     if not is_preset(path_or_preset) and read_quantization_config(path) is not None:
-        saved = saved_settings(path)
-        if quantize is not None and _spec_strings(quantize) != saved:
-            raise InputError(f"{path} is already quantized ({_describe(saved)}); it cannot be quantized to "
-                             f"{_describe(_spec_strings(quantize))} (load the unquantized checkpoint instead)")
+        _check_saved(path, quantize)
         checkpoint = path
     else:
         checkpoint = Path(directory) if directory else OFFLOAD_CACHE / _offload_source(path_or_preset, quantize,
@@ -206,12 +200,17 @@ def _drop_cached_pages(checkpoint: Path) -> None:
             os.close(fd)
 
 
+def _check_saved(path: Path, quantize: "str | dict | None") -> dict[str, str | None]:
+    """The precisions a quantized checkpoint was saved with; InputError when `quantize` asks for others."""
+    saved = saved_settings(path)
+    if quantize is not None and _spec_strings(quantize) != saved:
+        raise InputError(f"{path} is already quantized ({quant.describe(saved)}); it cannot be quantized to "
+                         f"{quant.describe(_spec_strings(quantize))} (load the unquantized checkpoint instead)")
+    return saved
+
+
 def _spec_strings(quantize: "str | dict") -> dict[str, str | None]:
-    return {part: str(p) if p else None for part, p in quant.quantization_settings(quantize).items()}
-
-
-def _describe(parts: dict[str, str | None]) -> str:
-    return ", ".join(f"{part} {spec or 'float'}" for part, spec in parts.items())
+    return quant.spec_strings(quant.quantization_settings(quantize))
 
 
 def random_quantized(config: ModelConfig, quantize: "str | dict", seed: int = 0, dtype: torch.dtype = torch.float32,

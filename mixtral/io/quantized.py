@@ -149,7 +149,7 @@ def saved_settings(path: str | os.PathLike) -> dict[str, str | None]:
         raise CheckpointError(f"{where}: quantization_config has no {e}") from None
     except InputError as e:
         raise CheckpointError(f"{where}: bad quantization_config ({e})") from None
-    return {part: str(p) if p else None for part, p in parts.items()}
+    return quant.spec_strings(parts)
 
 
 def open_expert_files(path: str | os.PathLike, config: ModelConfig) -> list:

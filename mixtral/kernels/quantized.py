@@ -31,7 +31,7 @@ from mixtral.kernels.cpu_policy import policy
 log = logging.getLogger("mixtral")
 
 KERNEL_DTYPE = torch.bfloat16  # what the quantized kernels compute in
-LOWBIT = {"int3": 3, "int2": 2}  # the modes of lowbit.c, and their bits per weight
+LOWBIT = ("int3", "int2")  # the modes of lowbit.c
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,7 +56,7 @@ class QuantizedWeight:
     @property
     def bits(self) -> int:
         """Bits per weight: 8, 4, 3 or 2."""
-        return LOWBIT[self.mode] if self.mode in LOWBIT else int(self.mode.removeprefix("int"))
+        return int(self.mode.removeprefix("int"))
 
     @property
     def padding(self) -> int:
