@@ -119,3 +119,21 @@ def test_a_preset_is_drawn_matrix_by_matrix_as_init_weights_draws_it():
     expected = Transformer(PRESETS["tiny"]).init_weights(3).to(torch.bfloat16).state_dict()
     got = load("tiny", dtype="bf16", seed=3, progress=False).state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.parametrize("source", ["preset", "checkpoint", "quantized"])
+def test_loading_onto_another_device_moves_every_layer(tmp_path, source):
+    # The meta device stands in for a GPU: each layer leaves the host once complete (LayerMover; the memory
+    # this saves is measured in tests/test_memory.py), and nothing stays behind on the CPU.
+    from mixtral.io.checkpoint import save_hf
+    from mixtral.io.loading import quantize_checkpoint
+
+    if source == "preset":
+        path = "tiny"
+    elif source == "checkpoint":
+        path = save_hf(load("tiny", seed=1), tmp_path / "hf")
+    else:
+        path = quantize_checkpoint("tiny", tmp_path / "q", {"experts": "int3", "attention": "int8"}, progress=False)
+    model = load(path, device="meta", quantize="int4" if source != "quantized" else None, progress=False)
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b is not None)]
+    assert tensors and all(t.device.type == "meta" for t in tensors)

@@ -17,6 +17,8 @@ EXPAND = CpuPolicy.for_cpu(library=True)  # the C dequantizer, no AVX512-BF16: e
 _BUILT = "the C kernels built (a C compiler, MIXTRAL_KERNELS not 0)"
 needs_gemv = pytest.mark.skipif(not MACHINE.gemv, reason=f"needs AVX512-BF16 and {_BUILT}; this machine lacks one")
 needs_dequant = pytest.mark.skipif(not MACHINE.dequant, reason=f"needs {_BUILT} for the dequantizers; none here")
+needs_int8 = pytest.mark.skipif(not MACHINE.lowbit_int8,
+                                reason=f"needs AVX512-BF16, VNNI and VBMI and {_BUILT}; this machine lacks one")
 BITS = {"int3": 3, "int2": 2}
 
 
@@ -164,8 +166,10 @@ def test_linear_equals_dequantized_reference(policy, mode, group, n, k, rows):
         got = module(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     # lowbit.c's GEMV multiplies the exact weights in float32 (then rounds to bf16); expansion and the reference
-    # round the weights to bf16 first
-    bound = 2**-7 if path == "lowbit_gemv" else 2**-6
+    # round the weights to bf16 first. Its int8 way also rounds x (checked exactly in the test after next).
+    stored_groups = -(-k // group)
+    int8 = path == "lowbit_gemv" and policy.lowbit_int8 and group >= 32 and stored_groups % 2 == 0
+    bound = 2**-5 if int8 else 2**-7 if path == "lowbit_gemv" else 2**-6
     assert (got.float() - want).abs().max() <= bound * want.abs().max(), path
 
 
@@ -176,10 +180,50 @@ def test_gemv_is_float32_exact_up_to_summation_order(mode, group):
     module = _quantized_linear(mode, group, 96, 1024)
     w = module._weight()
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(9)).bfloat16()
-    got = kernels.gemv_lowbit(x, w.qweight, w.scales, w.zeros, w.bits)
+    got = kernels.gemv_lowbit(x, w.qweight, w.scales, w.zeros, w.bits, int8_activations=False)
     want = F.linear(x.double(), w.dequantize(torch.float64))
     # the 128 the kernel adds to every q comes back out of float32 sums 128 times larger than the result's terms
     assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@needs_int8
+@pytest.mark.parametrize("mode", ["int3", "int2"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_gemv_with_int8_activations_is_exact_for_the_rounded_x(mode, group, rows):
+    # the int8 way multiplies the weights' varying part (q - H)·s by x rounded as round_activations does, and the
+    # group constants z by x's exact group sums: the same in float64, up to summation order
+    module = _quantized_linear(mode, group, 130, 1024, seed=rows)
+    w = module._weight()
+    x = (torch.randn(rows, 1024, generator=torch.Generator().manual_seed(9)) * 3).bfloat16()
+    x[0, :group] = 0  # an all-zero group: d = 0
+    x[-1, 5] = 300.0  # an outlier: its group's other values round coarsely
+    got = kernels.gemv_lowbit(x, w.qweight, w.scales, w.zeros, w.bits, int8_activations=True)
+    xq, d = kernels.round_activations(x, group)
+    rounded = (xq.double().view(rows, -1, group) * d.double()[..., None]).view(rows, 1024)
+    q = kernels.unpack_lowbit(w.qweight, w.bits).double() - (1 << (w.bits - 1))
+    varying = (q.view(130, -1, group) * w.scales.double()[..., None]).view(130, 1024)
+    constant = x.double().view(rows, -1, group).sum(-1) @ w.zeros.double().t()
+    want = rounded @ varying.t() + constant
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    # and close to the exact product: the rounding of x is small next to the int3/int2 weights' own
+    exact = F.linear(x.double(), w.dequantize(torch.float64))
+    assert (got.double() - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+@needs_gemv
+def test_int8_activations_are_not_used_for_groups_of_16_odd_group_counts_or_when_the_policy_says_no():
+    x = torch.randn(2, 384, generator=torch.Generator().manual_seed(1)).bfloat16()
+    for group in (16, 128):  # groups of 16; 3 groups of 128 (the int8 way takes groups in pairs)
+        w = _quantized_linear("int3", group, 64, 384)._weight()
+        exact = kernels.gemv_lowbit(x, w.qweight, w.scales, w.zeros, 3, int8_activations=False)
+        assert torch.equal(kernels.gemv_lowbit(x, w.qweight, w.scales, w.zeros, 3, int8_activations=True), exact)
+    x = x[:, :256]
+    module = _quantized_linear("int3", 64, 64, 256)
+    w = module._weight()
+    exact = kernels.gemv_lowbit(x, w.qweight, w.scales, w.zeros, 3, int8_activations=False)
+    with kernels.use_policy(MACHINE.with_features(int8_dot=False)):
+        assert torch.equal(kernels.gemv_lowbit(x, w.qweight, w.scales, w.zeros, 3), exact)
 
 
 def test_policy_paths_for_lowbit_weights():

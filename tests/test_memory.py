@@ -56,3 +56,19 @@ def test_mixtral_quantize_holds_one_layer_of_float_experts_at_a_time(tmp_path):
                f"peak grew by {grown / 2 ** 20:.0f} MiB, bound {bound / 2 ** 20:.0f} MiB")
     assert grown < bound, numbers
     assert (tmp_path / "out" / "config.json").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.slow
+@needs_proc
+def test_loading_onto_a_device_holds_one_layer_at_a_time_on_the_host(tmp_path):
+    # The meta device stands in for a GPU (none here): what leaves the host is the same, each layer as soon as it
+    # is complete (LayerMover), so the host peak is one layer, not the model.
+    weight_bytes = write_checkpoint(tmp_path / "ckpt", 0.8, vocab_size=4096)
+    result = measure(tmp_path / "ckpt", "mixtral", device="meta")
+    grown = (result["peak_kb"] - result["before_kb"]) * 1024
+    layer = 8 * 3 * 3584 * 1024 * 2 + 1024 * 128 * 20 * 2  # one layer in bf16: experts and attention
+    numbers = f"bf16 weights {weight_bytes / 2 ** 20:.0f} MiB, peak grew by {grown / 2 ** 20:.0f} MiB"
+    assert weight_bytes > 3.5 * layer, numbers  # several layers, so that holding them all would show
+    assert grown < layer + ALLOWANCE, numbers
+    on_cpu = measure(tmp_path / "ckpt", "mixtral")
+    assert (on_cpu["peak_kb"] - on_cpu["before_kb"]) * 1024 > 0.9 * weight_bytes  # the measurement sees a model

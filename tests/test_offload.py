@@ -77,6 +77,21 @@ def test_offloaded_logits_are_bitwise_the_resident_ones(resident, policy, predic
     assert stats["hits"] + stats["prefetch_hits"] + stats["demand_loads"] == stats["needed"]
 
 
+@pytest.mark.parametrize("policy, predict", [("lru", "before"), ("lru+predict", "before"), ("lru+predict", "after")])
+def test_staged_reads_give_the_resident_logits(resident, policy, predict):
+    # The GPU's path (disk -> each reader's host buffer -> a slot on the model's device), run on the CPU.
+    model, paths = resident
+    want = _steps(model)
+    stripped, engine = _offloaded(model, paths, CONFIG.top_k + 1, policy=policy, predict=predict, staged=True,
+                                  loaders=2)
+    with engine:
+        assert engine.staged and engine.device.type == "cpu"
+        got = _steps(stripped)
+        stats = engine.stats()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert stats["demand_loads"] > 0 and stats["bytes_read"] > 0
+
+
 def _synchronous_prefetch(engine) -> None:
     """Make each prediction's reads finish before the model goes on: how many prefetches hit is then decided by the
     predictions alone, not by how busy the machine is."""

@@ -35,10 +35,10 @@ LOADERS = ("mixtral", "transformers")
 CHILD = CHILD_STATUS_KB + r"""
 import json, sys, time
 import torch
-loader, path, quantize = sys.argv[1], sys.argv[2], (sys.argv[3:] or [None])[0]
+loader, path, quantize, device = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4]
 if loader == "mixtral":
     import mixtral
-    load = lambda: mixtral.load(path, progress=False, quantize=quantize)
+    load = lambda: mixtral.load(path, progress=False, quantize=quantize, device=device)
     def warm_up():  # the loader builds models on the meta device; the first use imports ~70 MB of torch code
         with torch.device("meta"):
             mixtral.Transformer(mixtral.from_name("tiny")).to(torch.bfloat16)
@@ -137,11 +137,12 @@ def write_checkpoint(path: Path, gb: float, vocab_size: int = 32000) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measure(path: Path, loader: str, quantize: str | None = None) -> dict:
+def measure(path: Path, loader: str, quantize: str | None = None, device: str = "cpu") -> dict:
     """{"before_kb", "peak_kb", "after_kb", "seconds", "model_bytes"} of loading `path` with `loader` ("mixtral"
-    or "transformers"; "mixtral" quantizing while loading when `quantize` is "int8" or "int4") in a fresh process:
-    its resident memory before, at the peak, after, the load's time and the bytes of the loaded model's tensors."""
-    args = [sys.executable, "-c", CHILD, loader, str(path), *([quantize] if quantize else [])]
+    or "transformers"; "mixtral" quantizing while loading when `quantize` is "int8" or "int4", and onto `device`)
+    in a fresh process: its resident memory before, at the peak, after, the load's time and the bytes of the
+    loaded model's tensors."""
+    args = [sys.executable, "-c", CHILD, loader, str(path), quantize or "", device]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -291,18 +291,21 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         on_meta = drop_experts if experts_sink is not None else None
         model = (empty_model(files.config, dtype, on_meta=on_meta) if quantize is None
                  else quant.empty_quantized_model(files.config, dtype, quantize, on_meta=on_meta))
-        params = dict(model.named_parameters(remove_duplicate=False))
+        # names, not the tensors: a layer moved to another device may get new Parameter objects (LayerMover)
+        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         staging = _Staging(quant.quantized_modules(model), dtype)
         streamed = None if experts_sink is None else _LayerExperts(files.config, dtype, quantize, experts_sink)
+        to_device = LayerMover(model, [target.param for target in layout.values()], device)
         with torch.no_grad():
             for key, target in tqdm(layout.items(), desc=f"loading {files.directory.name}", unit="tensor",
                                     disable=not progress, leave=False):
                 if streamed is not None and streamed.takes(target):
                     streamed.load(where[key], key, target)
                 elif target.param in params:
-                    _load_one(where[key], key, target, params[target.param])
+                    _load_one(where[key], key, target, model.get_parameter(target.param))
                 else:
                     staging.load(where[key], key, target)
+                to_device.done(target.param)
             if streamed is not None:
                 streamed.flush()
             if files.config.tie_embeddings and "output" in staging.modules:
@@ -316,6 +319,32 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
 
 _EXPERT_PARAM = re.compile(r"layers\.(\d+)\.moe\.(w13|w2)$")
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+class LayerMover:
+    """Moves each layer of a model being filled on the CPU to `device` as soon as the last of its tensors (`names`,
+    parameter or module names, in any order and with repeats for tensors filled in parts) is in. For a device
+    other than the CPU the host then holds one layer at a time: a layer's memory is freed as it moves, and the
+    layers not yet filled were allocated but never written, so they take no memory. The embeddings, final norm and
+    output move with the model at the end. Does nothing for the CPU."""
+
+    def __init__(self, model: Transformer, names: Iterable[str], device: str | torch.device):
+        self.model, self.device = model, torch.device(device)
+        self.left: dict[int, int] = {}
+        for name in names:
+            if (match := _LAYER.match(name)) is not None:
+                self.left[int(match[1])] = self.left.get(int(match[1]), 0) + 1
+
+    def done(self, name: str) -> None:
+        """The tensor `name` (one of `names`) is filled."""
+        match = _LAYER.match(name)
+        if self.device.type == "cpu" or match is None or int(match[1]) not in self.left:
+            return
+        layer = int(match[1])
+        self.left[layer] -= 1
+        if self.left[layer] == 0:
+            self.model.layers[layer].to(self.device)
 
 
 def drop_experts(model: Transformer) -> None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from mixtral import kernels, quant
 from mixtral.config import PRESETS, ModelConfig, dtype_name, from_name, parse_dtype, parse_size
 from mixtral.errors import CheckpointError, InputError, TokenizerError
-from mixtral.io.checkpoint import CheckpointFiles, drop_experts, find_checkpoint, load_checkpoint
+from mixtral.io.checkpoint import CheckpointFiles, LayerMover, drop_experts, find_checkpoint, load_checkpoint
 from mixtral.io.experts import write_layer_experts
 from mixtral.io.files import atomic_directory
 from mixtral.io.quantized import (EXPERTS_DIR, experts_path, load_quantized, open_expert_files,
@@ -81,7 +81,8 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     freed, so the peak is the quantized model plus one float matrix (one expert's; a whole stack for the
     stacked-expert native layout of December 2023), plus float32 temporaries of 4 MB blocks of rows; a preset
     draws each matrix in float32 (`random_quantized`). A quantized checkpoint loads as it was saved.
-    device: the model is loaded on the CPU, then moved there.
+    device: the model is read on the CPU a layer at a time and each layer moves there once complete
+    (`mixtral.io.checkpoint.LayerMover`), so a model that fits the device but not the host still loads.
 
     offload: a memory budget ("12GB", "8GiB", bytes) for the model's weights: everything but the experts stays
     resident, the experts stay on disk in per-layer files and an engine (`mixtral.offload`) reads the ones routing
@@ -90,7 +91,9 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     files are those of a quantized checkpoint (`mixtral quantize`); any other model is first written as one,
     layer by layer, into `offload_dir` (default: a directory under ~/.cache/mixtral/offload named after the
     source and settings, reused while they are unchanged). The engine is `model.offload_engine` (statistics,
-    `close()`). The KV cache and activations come on top of the budget. CPU only.
+    `close()`). The KV cache and activations come on top of the budget. With a CUDA `device` the resident part
+    and the slots are on the GPU and the budget is its memory for them; records come from disk through pinned host
+    buffers, copied on a side stream (not yet measured on a GPU).
     Raises CheckpointError/ConfigError with the file, key or preset at fault; InputError for a bad `dtype`,
     `quantize` or `offload`, or a budget too small for the resident part plus one token's experts.
     """
@@ -104,9 +107,9 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
                                directory=offload_dir)
     path, saved = Path(path_or_preset), None
     if is_preset(path_or_preset) and quantize is not None:
-        model = random_quantized(from_name(path_or_preset), quantize, seed, dtype or torch.float32).to(device)
+        model = random_quantized(from_name(path_or_preset), quantize, seed, dtype or torch.float32, device=device)
     elif is_preset(path_or_preset):  # drawn matrix by matrix: never a float32 copy of the whole model
-        model = random_quantized(from_name(path_or_preset), "none", seed, dtype or torch.float32).to(device)
+        model = random_quantized(from_name(path_or_preset), "none", seed, dtype or torch.float32, device=device)
     elif not path.exists():
         raise _neither(path)
     elif read_quantization_config(path) is not None:
@@ -148,8 +151,6 @@ def _load_offloaded(path_or_preset, budget: int, *, dtype, device, progress, see
 
     if policy not in OFFLOAD_POLICIES:
         raise InputError(f"unknown offloading policy {policy!r}; choose one of {', '.join(OFFLOAD_POLICIES)}")
-    if torch.device(device).type != "cpu":
-        raise InputError(f"offloading runs on the CPU; device {device!r} is not supported with offload")
     path = Path(str(path_or_preset))
     if not is_preset(path_or_preset) and not path.exists():
         raise _neither(path)
@@ -163,7 +164,7 @@ def _load_offloaded(path_or_preset, budget: int, *, dtype, device, progress, see
             log.info("writing the expert files of %s to %s (once)", path_or_preset, checkpoint)
             quantize_checkpoint(path_or_preset, checkpoint, quantize or {}, dtype=dtype, seed=seed,
                                 progress=progress)
-    model = load_quantized(checkpoint, dtype=dtype, experts=False)
+    model = load_quantized(checkpoint, dtype=dtype, experts=False, device=device)
     _drop_cached_pages(checkpoint)
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t is not None)
     files = open_expert_files(checkpoint, model.config)
@@ -214,7 +215,7 @@ def _spec_strings(quantize: "str | dict") -> dict[str, str | None]:
 
 
 def random_quantized(config: ModelConfig, quantize: "str | dict", seed: int = 0, dtype: torch.dtype = torch.float32,
-                     *, experts_sink=None, progress: bool = False) -> Transformer:
+                     *, experts_sink=None, progress: bool = False, device: str | torch.device = "cpu") -> Transformer:
     """What `Transformer(config).init_weights(seed).to(dtype)` then `quant.quantize(model, quantize)` gives (equal
     tensor for tensor), in eval mode, without the float model: each quantized matrix is drawn in float32 one at a
     time (one expert of a stack; the draws of consecutive experts are the draws of the stack), converted to `dtype`,
@@ -223,23 +224,26 @@ def random_quantized(config: ModelConfig, quantize: "str | dict", seed: int = 0,
 
     experts_sink(layer, w13, w2): as `mixtral.io.checkpoint.load_checkpoint`'s: the model is made without its
     experts, and each layer's (drawn the same way) are handed to the sink and freed; a full-size random model is
-    then written to disk at the memory of one layer's experts. Raises InputError for an unknown `quantize`."""
+    then written to disk at the memory of one layer's experts. device: each layer moves there once drawn
+    (`LayerMover`), so the host holds one layer at a time. Raises InputError for an unknown `quantize`."""
     on_meta = drop_experts if experts_sink is not None else None
     model = quant.empty_quantized_model(config, dtype, quantize, on_meta=on_meta)
     experts_precision = quant.quantization_settings(quantize)["experts"]
-    params = dict(model.named_parameters())
+    params = {name for name, _ in model.named_parameters()}  # names: a moved layer's Parameters may be new objects
     quantized = quant.quantized_modules(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         order = list(Transformer(config).named_parameters())  # the float model's, which init_weights follows
     stacks: dict[str, object] = {}
+    to_device = LayerMover(model, [name for name, _ in order], device)  # (with experts_sink: the CPU)
     with torch.no_grad():
         for name, meta in tqdm(order, desc="random weights", unit="tensor", disable=not progress, leave=False):
-            if name in params and params[name].dim() == 3:  # an unquantized expert stack: one expert at a time
-                _draw_into(params[name], name, meta, generator, dtype)
-                continue
+            if name in params and model.get_parameter(name).dim() == 3:  # an unquantized expert stack: by expert
+                _draw_into(model.get_parameter(name), name, meta, generator, dtype)
+            elif name in params:
+                model.get_parameter(name).copy_(init_parameter_(name, torch.empty(meta.shape), generator))
             if name in params:
-                params[name].copy_(init_parameter_(name, torch.empty(meta.shape), generator))
+                to_device.done(name)
                 continue
             if experts_sink is not None and name.endswith((".moe.w13", ".moe.w2")):
                 if not stacks:
@@ -251,11 +255,12 @@ def random_quantized(config: ModelConfig, quantize: "str | dict", seed: int = 0,
                 continue
             module = quantized[name] if name in quantized else quantized[name.rsplit(".", 1)[0]]
             _draw_into(module, name, meta, generator, dtype)
+            to_device.done(name)
         if config.tie_embeddings and "output" in quantized:
             quant.quantize_into(quantized["output"], None, model.tok_embeddings.weight)
         for module in quantized.values():
             module.refresh()
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _draw_into(target, name: str, meta: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> None:

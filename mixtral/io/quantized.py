@@ -194,10 +194,11 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         _read_into(model, reader, experts=in_safetensors)
     finally:
         reader.close()
-    if experts and version == 2:
+    if experts and version == 2:  # the experts, the bulk of the model, a layer at a time, each then to `device`
         for layer, expert_file in zip(model.layers, open_expert_files(directory, config)):
             with expert_file:
                 expert_file.read_stack_into(layer.moe.w13, layer.moe.w2)
+            layer.to(device)
     return model.to(device).eval()
 
 

@@ -12,7 +12,7 @@ between them and torch:
     packing.py    int4/int3/int2 packing (`pack_int4`, `int4_bias`, `pack_lowbit`) and the expansions to floating
                   point (torch references; the C ones of gemv.c and lowbit.c)
     quantized.py  `QuantizedWeight`, the quantized matrix type, and its products (`linear`; `gemv_lowbit`, the
-                  int3/int2 GEMV of lowbit.c)
+                  int3/int2 GEMV of lowbit.c, and `round_activations`, its int8 way's rounding in torch)
     amx.py        `amx_swiglu_add`: a whole SwiGLU expert on AMX tiles (amx.c), bf16, int8 or int4 weights
     experts.py    `swiglu` (one expert) and `experts_add` (a MoE layer's experts at inference), on whichever of
                   the above the policy picks
@@ -31,7 +31,7 @@ from mixtral.kernels.memory import prefer_huge_pages
 from mixtral.kernels.packing import (dequant_int4, dequant_int8, dequant_lowbit, dequantize_int4, dequantize_int8,
                                      dequantize_lowbit, int4_bias, pack_int4, pack_lowbit, unpack_int4, unpack_lowbit)
 from mixtral.kernels.cpu_policy import CpuPolicy, policy, use_policy
-from mixtral.kernels.quantized import KERNEL_DTYPE, QuantizedWeight, gemv_lowbit
+from mixtral.kernels.quantized import KERNEL_DTYPE, QuantizedWeight, gemv_lowbit, round_activations
 
 
 def available() -> bool:
@@ -55,5 +55,5 @@ __all__ = [
     "cpu_has", "dequant_available", "dequant_int4", "dequant_int8", "dequant_lowbit", "dequantize_int4",
     "dequantize_int8", "dequantize_lowbit", "experts_add", "gemv_bf16", "gemv_int4", "gemv_lowbit", "int4_bias",
     "last_level_cache_bytes", "linear", "matmul", "pack_int4", "pack_lowbit", "policy", "prefer_huge_pages",
-    "swiglu", "transposed_mm", "transposed_swiglu", "unpack_int4", "unpack_lowbit", "use_policy", "weight_kind",
+    "round_activations", "swiglu", "transposed_mm", "transposed_swiglu", "unpack_int4", "unpack_lowbit", "use_policy", "weight_kind",
 ]

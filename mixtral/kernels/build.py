@@ -110,6 +110,8 @@ def library() -> ctypes.CDLL | None:
     library.gemv_bf16.restype = None
     library.gemv_int4.argtypes = [p, i, p, p, i, i, i, p, i, i]
     library.gemv_int4.restype = None
-    library.gemv_lowbit.argtypes = [p, p, i, p, p, p, i, i, i, i, p, i]
-    library.gemv_lowbit.restype = None
+    library.gemv_lowbit.argtypes = [p, i, p, p, p, i, i, i, i, p, i, i]
+    library.gemv_lowbit.restype = i
+    library.lowbit_int8_built.restype = i
+    library.has_lowbit_int8 = bool(library.lowbit_int8_built())
     return library

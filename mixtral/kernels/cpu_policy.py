@@ -16,6 +16,7 @@ Intel Xeon with AMX (2026-12-01), with Mixtral-8x7B's matrices (docs/performance
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from contextlib import contextmanager
 from functools import lru_cache
@@ -33,6 +34,7 @@ class CpuPolicy:
     avx512_bf16: bool  # the CPU has AVX512-BF16: gemv.c's GEMVs run (with the library)
     amx: bool  # the CPU has AMX tiles (Intel Xeon since Sapphire Rapids): torch's bf16 GEMM runs on them
     amx_kernel: bool  # amx.c was built for AMX and Linux granted the tile state (with the library and AMX)
+    int8_dot: bool  # lowbit.c was built with its int8-activation way (AVX512-VNNI and VBMI)
     l2_bytes: int  # the CPU's L2 cache (per core)
     llc_bytes: int  # its last-level cache (0: unknown)
 
@@ -49,11 +51,13 @@ class CpuPolicy:
 
     @classmethod
     def for_cpu(cls, *, library: bool = False, avx512_bf16: bool = False, amx: bool = False,
-                amx_kernel: bool = False, l2_bytes: int = 2**21, llc_bytes: int = 0) -> CpuPolicy:
+                amx_kernel: bool = False, int8_dot: bool = False, l2_bytes: int = 2**21,
+                llc_bytes: int = 0) -> CpuPolicy:
         """The policy of a CPU with these features and cache sizes. With no arguments: a CPU without the C kernels,
         AVX512-BF16 or AMX, where every product goes through torch (the fallbacks)."""
         return cls(
-            library=library, avx512_bf16=avx512_bf16, amx=amx, amx_kernel=amx_kernel, l2_bytes=l2_bytes,
+            library=library, avx512_bf16=avx512_bf16, amx=amx, amx_kernel=amx_kernel, int8_dot=int8_dot,
+            l2_bytes=l2_bytes,
             llc_bytes=llc_bytes,
             # Where torch's bf16 GEMM runs on AMX tiles it multiplies 8 rows by a 28672x4096 matrix in 9.7 ms
             # against 12.8 for gemv.c (AVX512 registers run out of rows to share each weight load with); on the
@@ -98,14 +102,20 @@ class CpuPolicy:
     def with_features(self, **features) -> CpuPolicy:
         """The policy of this CPU with some of its features (the arguments of `for_cpu`) changed, its thresholds
         derived anew: `policy().with_features(amx=False)` is this machine as if it had no AMX."""
-        facts = {name: getattr(self, name) for name in ("library", "avx512_bf16", "amx", "amx_kernel", "l2_bytes",
-                                                         "llc_bytes")}
+        facts = {name: getattr(self, name) for name in ("library", "avx512_bf16", "amx", "amx_kernel", "int8_dot",
+                                                         "l2_bytes", "llc_bytes")}
         return CpuPolicy.for_cpu(**{**facts, **features})
 
     @property
     def gemv(self) -> bool:
         """Whether gemv.c's bf16 and int4 GEMVs and lowbit.c's GEMV run (AVX512-BF16)."""
         return self.library and self.avx512_bf16
+
+    @property
+    def lowbit_int8(self) -> bool:
+        """Whether lowbit.c's GEMV rounds x to int8 (its faster way; see lowbit.c): where it was built for it. A
+        policy with int8_dot=False keeps the exact way."""
+        return self.gemv and self.int8_dot
 
     @property
     def dequant(self) -> bool:
@@ -185,6 +195,9 @@ def detected() -> CpuPolicy:
     sizes = build.cache_sizes()
     return CpuPolicy.for_cpu(library=library is not None, avx512_bf16=build.cpu_has("avx512_bf16"),
                              amx=build.cpu_has("amx_bf16"), amx_kernel=library is not None and library.has_amx,
+                             # MIXTRAL_INT8_ACTIVATIONS=0: the int3/int2 GEMV stays exact (slower)
+                             int8_dot=(library is not None and getattr(library, "has_lowbit_int8", False)
+                                       and os.environ.get("MIXTRAL_INT8_ACTIVATIONS", "1") != "0"),
                              l2_bytes=sizes.get(2, 2**21), llc_bytes=max(sizes.values(), default=0))
 
 
@@ -206,7 +219,7 @@ def use_policy(injected: CpuPolicy) -> Iterator[CpuPolicy]:
     may not claim a kernel this machine cannot run. Raises ValueError for that.
     """
     machine = detected()
-    for feature in ("gemv", "dequant", "amx_experts"):
+    for feature in ("gemv", "dequant", "amx_experts", "lowbit_int8"):
         if getattr(injected, feature) and not getattr(machine, feature):
             raise ValueError(f"this machine cannot run the kernels a policy with {feature}=True would call")
     with _lock:

@@ -5,19 +5,33 @@
 // weight k in bits [bits * k, bits * k + bits) of the row's bytes; a row is K * bits / 8 bytes and each block of
 // 32 weights 4 * bits whole bytes (int2: 4 weights a byte, LSB first; int3: 8 weights in 3 bytes).
 //
-// gemv_lowbit: few rows of x (decoding), AVX512-BF16. A block of 32 weights is unpacked to 32 bf16 lanes in 4
-// instructions: one 16-byte broadcast of the block into the four 128-bit lanes, a byte shuffle giving each 16-bit
-// lane the two bytes that hold its weight, a per-lane shift (vpsrlvw), and (v & mask) | 0x4300, which makes the
-// bf16 number 128 + q exactly (as gemv_int4). Then, per group, one `vdpbf16ps` per row of x accumulates
-// sum (128 + q) x exactly in float32, scaled by s once per group; the constant part comes back through the
-// group sums of x: y = sum_g s_g sum_k (128 + q_k) x_k + sum_g (z_g - (128 + H) s_g) X_g, X_g = sum_{k in g} x_k
-// (the caller computes X). For G = 16 a block spans two groups: its dot product's float lanes 0-7 hold the
-// first 16 weights and lanes 8-15 the next 16, so one vector of the two scales serves both.
+// gemv_lowbit: few rows of x (decoding). Two ways, both splitting each weight into its varying part (q - H) s and
+// its group constant z, whose product is sum_g z_g X_g with X_g = sum_{k in g} x_k, x's exact sums per group:
+//
+// - exact (AVX512-BF16): a block of 32 weights is unpacked to 32 bf16 lanes in 4 instructions: one 16-byte
+//   broadcast of the block into the four 128-bit lanes, a byte shuffle giving each 16-bit lane the two bytes that
+//   hold its weight, a per-lane shift (vpsrlvw), and (v & mask) | 0x4300, which makes the bf16 number 128 + q
+//   exactly (as gemv_int4). Then, per group, one `vdpbf16ps` per row of x accumulates sum (128 + q) x exactly in
+//   float32, scaled by s once per group: y = sum_g s_g sum_k (128 + q_k) x_k + sum_g (z_g - (128 + H) s_g) X_g.
+//   For G = 16 a block spans two groups: its dot product's float lanes 0-7 hold the first 16 weights and lanes
+//   8-15 the next 16, so one vector of the two scales serves both.
+// - int8 activations (AVX512-VNNI and VBMI, G >= 32): x is rounded to int8 per group, x_k ~ d_g xq_k with
+//   d_g = max |x| / 127 over the group, and 64 weights become 64 bytes q in 3 instructions (int3: a byte
+//   permutation putting the bytes of 8 weights in a 64-bit lane, `vpmultishiftqb` cutting that lane's eight
+//   fields into bytes, a mask), multiplied by xq 64 at a time with `vpdpbusd` into int32:
+//   y = sum_g s_g (d_g sum_k q_k xq_k - H R_g) + sum_g z_g X_g, R_g = d_g sum_k xq_k: exactly the product of the
+//   varying parts with the rounded x plus that of the constants with the exact x. Half the instructions of
+//   the exact way per weight: 1.2-1.4x its speed at one row (Mixtral-8x7B's expert matrices, 2 threads, EPYC of
+//   2026-12-03; int3 g128 24-28 GB/s against 19-21), which makes int3 faster than int4 in time. The cost is
+//   x's rounding, at most d_g / 2 per value, in the varying part only (the constant part keeps exact sums); the
+//   int3 weights themselves are off by up to s_g / 2. Groups go in pairs (lowbit_rows_int8), so G = 16 stays
+//   exact, and so does a row with an odd number of groups.
 //
 // dequant_lowbit: the bf16 weight [N, K] for products with many rows, bit for bit what the torch reference
 // (packing.dequantize_lowbit) rounds to: each group's 2^bits values computed in float32 and rounded to nearest
 // even once, and the weights looked up by their q (vpermw). Plain C where the CPU lacks AVX512-BF16.
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -80,8 +94,10 @@ static inline __m512 lb_scales(const uint16_t *s, int two) {
                                                       0x00FF, v, 16));
 }
 
-// sum_g (z_g - c s_g) X[m, g] for one weight row, c = 128 + H: the constant part of every weight, 16 groups a step.
-static inline float lb_offsets(const uint16_t *s, const uint16_t *z, const float *X, int groups, float c) {
+// sum_g z_g X[g] - c s_g R[g] for one weight row, 16 groups a step: the constant part of every weight times x's
+// group sums X, and the offset c of the integers times R (X itself, or the rounded x's sums of the int8 way).
+static inline float lb_offsets(const uint16_t *s, const uint16_t *z, const float *X, const float *R, int groups,
+                               float c) {
     __m512 acc = _mm512_setzero_ps();
     const __m512 cv = _mm512_set1_ps(c);
     for (int g = 0; g < groups; g += 16) {
@@ -90,7 +106,8 @@ static inline float lb_offsets(const uint16_t *s, const uint16_t *z, const float
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, s + g)), 16));
         __m512 zv = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, z + g)), 16));
-        acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(cv, sv, zv), _mm512_maskz_loadu_ps(k, X + g), acc);
+        acc = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(k, X + g), acc);
+        acc = _mm512_fnmadd_ps(_mm512_mul_ps(cv, sv), _mm512_maskz_loadu_ps(k, R + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -141,10 +158,11 @@ static inline __attribute__((always_inline)) void lowbit_rows(const uint16_t *xm
         }
         for (int m = 0; m < MB; m++) {
             const float *X = Xm + (long)m * groups;
-            y[(long)m * ldy + n] = _mm512_reduce_add_ps(total0[m]) + lb_offsets(s0, Z + (long)n * groups, X, groups, c);
+            y[(long)m * ldy + n] = _mm512_reduce_add_ps(total0[m])
+                                   + lb_offsets(s0, Z + (long)n * groups, X, X, groups, c);
             if (nb == 2)
                 y[(long)m * ldy + n + 1] = _mm512_reduce_add_ps(total1[m])
-                                           + lb_offsets(s1, Z + (long)(n + 1) * groups, X, groups, c);
+                                           + lb_offsets(s1, Z + (long)(n + 1) * groups, X, X, groups, c);
         }
     }
 }
@@ -162,22 +180,203 @@ static inline __attribute__((always_inline)) void lowbit_rows(const uint16_t *xm
         }                                                                                                   \
     }
 
-// x bf16 [M, K]; X float32 [M, K/G] (x's sums per group); Q uint8 [N, K*bits/8]; S, Z bf16 [N, K/G]; y float32
-// [M, N]. K a multiple of 32 and of G; G 16, 32, 64 or 128; bits 2 or 3 (the caller checks). Rows of W are split
-// between threads in blocks of 64.
-void gemv_lowbit(const uint16_t *x, const float *X, int M, const uint8_t *Q, const uint16_t *S, const uint16_t *Z,
-                 int N, int K, int G, int bits, float *y, int threads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define LB_INT8 1
+
+// The byte permutation and bit offsets that cut 64 weights into bytes: 32 weights of group a (bytes 0-31) and the
+// same 32 of the group after it, b (bytes 32-63), read from one load starting at a's (b's bytes `gap` = G * bits / 8
+// further on). 64-bit lane L gets the bytes of weights 8L..8L+7 of the 64 (int3: 3 bytes; int2: the 8 bytes of the
+// 32 weights of its group) and byte j of the lane takes the field of weight 8L + j from there.
+static inline void lb_byte_consts(int bits, int gap, __m512i *perm, __m512i *ctrl, __mmask64 *load) {
+    uint8_t idx[64], offset[64];
+    for (int L = 0; L < 8; L++)
+        for (int j = 0; j < 8; j++) {
+            const int base = L < 4 ? 0 : gap, l = L % 4;
+            idx[8 * L + j] = (uint8_t)(bits == 3 ? base + 3 * l + (j < 3 ? j : 2) : base + j);
+            offset[8 * L + j] = (uint8_t)(bits == 3 ? 3 * j : 16 * l + 2 * j);
+        }
+    *perm = _mm512_loadu_si512(idx);
+    *ctrl = _mm512_loadu_si512(offset);
+    const __mmask64 block = (1ull << (4 * bits)) - 1;  // the 4 * bits bytes of 32 weights
+    *load = block | (block << gap);
+}
+
+// 64 weights' q as bytes (32 of a group, then the same 32 of the next), from the bytes of `load` at p: nothing
+// else is read.
+static inline __m512i lb_bytes(const uint8_t *p, __mmask64 load, __m512i perm, __m512i ctrl, __m512i mask) {
+    __m512i v = _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(load, p));
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, v), mask);
+}
+
+// d per lane of a pair of groups' int32 sums: lanes 0-7 group g, 8-15 group g + 1.
+static inline __m512 lb_pair_scales(const float *d) {
+    return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1]));
+}
+
+// As lowbit_rows, with x rounded to int8 (xq [MB, K] in pair order, see lb_prepare_x; its scales D and the
+// rounded x's sums R [MB, K/G]). Groups go in pairs: each step's 64 weights are 32 of group g (int32 lanes 0-7 of
+// the dot products) and the same 32 of group g + 1 (lanes 8-15), so the scaling after the pair, per row, is one
+// conversion, multiplication and fused add for two groups.
+static inline __attribute__((always_inline)) void lowbit_rows_int8(const int8_t *xq, const int MB, const float *D,
+                                                                   const float *Rm, const float *Xm, const uint8_t *Q,
+                                                                   const uint16_t *S, const uint16_t *Z, int N, int K,
+                                                                   int G, const int BITS, float *y, int ldy, int n0,
+                                                                   int n1) {
+    (void)N;
+    const int gap = G * BITS / 8;  // bytes of a group
+    __m512i perm, ctrl;
+    __mmask64 load;
+    lb_byte_consts(BITS, gap, &perm, &ctrl, &load);
+    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    const long row_bytes = (long)K * BITS / 8;
+    const int groups = K / G;
+    const float c = (float)(1 << (BITS - 1));
+    for (int n = n0; n < n1; n += 2) {
+        const int nb = n1 - n < 2 ? n1 - n : 2;
+        const uint8_t *q0 = Q + n * row_bytes, *q1 = Q + (n + nb - 1) * row_bytes;
+        const uint16_t *s0 = S + (long)n * groups, *s1 = S + (long)(n + nb - 1) * groups;
+        __m512 total0[LB_MAX_ROWS], total1[LB_MAX_ROWS];
+        for (int m = 0; m < MB; m++) { total0[m] = _mm512_setzero_ps(); total1[m] = _mm512_setzero_ps(); }
+        for (int g = 0; g < groups; g += 2) {
+            const long pair = (long)g * gap;  // the pair's first byte in a row
+            if (PREFETCH_ROWS)  // the pair's 2 * gap <= 96 bytes: two lines, or three where they straddle one more
+                for (long at = pair; at < pair + 2 * gap + 63; at += 64) {
+                    const long in = at < pair + 2 * gap ? at : pair + 2 * gap - 1;
+                    _mm_prefetch((const char *)(q0 + PREFETCH_ROWS * row_bytes + in), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(q1 + PREFETCH_ROWS * row_bytes + in), _MM_HINT_T1);
+                }
+            __m512i acc0[LB_MAX_ROWS], acc1[LB_MAX_ROWS];
+            for (int m = 0; m < MB; m++) { acc0[m] = _mm512_setzero_si512(); acc1[m] = _mm512_setzero_si512(); }
+            for (int t = 0; t < G / 32; t++) {
+                const long at = pair + 4 * BITS * t;
+                const __m512i a0 = lb_bytes(q0 + at, load, perm, ctrl, mask);
+                const __m512i a1 = lb_bytes(q1 + at, load, perm, ctrl, mask);
+                for (int m = 0; m < MB; m++) {
+                    const __m512i xv = _mm512_loadu_si512(xq + (long)m * K + (long)g * G + 64 * t);
+                    acc0[m] = _mm512_dpbusd_epi32(acc0[m], a0, xv);
+                    acc1[m] = _mm512_dpbusd_epi32(acc1[m], a1, xv);
+                }
+            }
+            const __m512 sc0 = lb_scales(s0 + g, 1), sc1 = lb_scales(s1 + g, 1);
+            for (int m = 0; m < MB; m++) {
+                const __m512 d = lb_pair_scales(D + (long)m * groups + g);
+                total0[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc0[m]), d), sc0, total0[m]);
+                total1[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc1[m]), d), sc1, total1[m]);
+            }
+        }
+        for (int m = 0; m < MB; m++) {
+            const float *X = Xm + (long)m * groups, *R = Rm + (long)m * groups;
+            y[(long)m * ldy + n] = _mm512_reduce_add_ps(total0[m])
+                                   + lb_offsets(s0, Z + (long)n * groups, X, R, groups, c);
+            if (nb == 2)
+                y[(long)m * ldy + n + 1] = _mm512_reduce_add_ps(total1[m])
+                                           + lb_offsets(s1, Z + (long)(n + 1) * groups, X, R, groups, c);
+        }
+    }
+}
+
+#define LB_ROWS_INT8(BITS)                                                                                  \
+    for (int m0 = 0; m0 < M; m0 += LB_MAX_ROWS) {                                                           \
+        const int8_t *xm = xq + (long)m0 * K;                                                               \
+        const float *Dm = D + (long)m0 * (K / G), *Rm = R + (long)m0 * (K / G), *Xm = X + (long)m0 * (K / G);\
+        float *ym = y + (long)m0 * N;                                                                       \
+        switch (M - m0 < LB_MAX_ROWS ? M - m0 : LB_MAX_ROWS) {                                              \
+            case 1: lowbit_rows_int8(xm, 1, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;          \
+            case 2: lowbit_rows_int8(xm, 2, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;          \
+            case 3: lowbit_rows_int8(xm, 3, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;          \
+            default: lowbit_rows_int8(xm, 4, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;         \
+        }                                                                                                   \
+    }
+#endif  // VNNI and VBMI
+
+// x's sums per group X [M, K/G] (float32, 16 lanes then their sum) and, with xq, x rounded to int8 per group:
+// xq = round-to-nearest-even(x * (127 / a)), D = a / 127, a = max |x| over the group (xq = 0, D = 0 where a = 0),
+// and the rounded x's sums R = D * sum xq. xq is stored in the order lowbit_rows_int8 reads it: for each pair of
+// groups, 32 values of the first, the same 32 of the second, the next 32 of the first, ...
+static void lb_prepare_x(const uint16_t *x, int M, int K, int G, float *X, int8_t *xq, float *D, float *R) {
+    const int groups = K / G;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < groups; g++) {
+            const uint16_t *xg = x + (long)m * K + (long)g * G;
+            __m512 sum = _mm512_setzero_ps(), amax = _mm512_setzero_ps();
+            for (int k = 0; k < G; k += 16) {
+                __m512 v = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16));
+                sum = _mm512_add_ps(sum, v);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+            }
+            X[(long)m * groups + g] = _mm512_reduce_add_ps(sum);
+            if (!xq) continue;
+            const float a = _mm512_reduce_max_ps(amax), inv = a > 0 ? 127.0f / a : 0.0f;
+            __m512i count = _mm512_setzero_si512();
+            for (int k = 0; k < G; k += 16) {
+                __m512 v = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16));
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // |q| <= 127: a * inv
+                count = _mm512_add_epi32(count, q);
+                const long at = (long)(g & ~1) * G + 64 * (k / 32) + 32 * (g & 1) + k % 32;
+                _mm_storeu_si128((__m128i *)(xq + (long)m * K + at), _mm512_cvtsepi32_epi8(q));
+            }
+            D[(long)m * groups + g] = a / 127.0f;
+            R[(long)m * groups + g] = a / 127.0f * (float)_mm512_reduce_add_epi32(count);
+        }
+}
+
+// Whether gemv_lowbit has its int8-activation way (built for a CPU with AVX512-VNNI and VBMI).
+int lowbit_int8_built(void) {
+#ifdef LB_INT8
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// x bf16 [M, K]; Q uint8 [N, K*bits/8]; S, Z bf16 [N, K/G]; y float32 [M, N]. K a multiple of 32 and of G; G 16,
+// 32, 64 or 128; bits 2 or 3 (the caller checks). int8: round x to int8 (where built, G >= 32 and the groups of
+// a row even in number). Rows of W are
+// split between threads in blocks of 64. Returns 1 where x was rounded to int8, 0 where exact, -1 where memory for
+// x's sums could not be had (y untouched).
+int gemv_lowbit(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, const uint16_t *Z, int N, int K,
+                int G, int bits, float *y, int threads, int int8) {
+    const int groups = K / G;
+#ifdef LB_INT8
+    int8 = int8 && G >= 32 && (K / G) % 2 == 0;  // whole pairs of groups
+#else
+    int8 = 0;
+#endif
+    float *X = malloc(sizeof(float) * (size_t)M * groups * 3);
+    int8_t *xq = int8 ? malloc((size_t)M * K) : NULL;
+    if (!X || (int8 && !xq)) {
+        free(X);
+        free(xq);
+        return -1;
+    }
+    float *D = X + (long)M * groups, *R = D + (long)M * groups;
+    lb_prepare_x(x, M, K, G, X, xq, D, R);
     const int block = 64;
     int blocks = (N + block - 1) / block;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int b = 0; b < blocks; b++) {
         int n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
+#ifdef LB_INT8
+        if (int8) {
+            if (bits == 3) {
+                LB_ROWS_INT8(3)
+            } else {
+                LB_ROWS_INT8(2)
+            }
+            continue;
+        }
+#endif
         if (bits == 3) {
             LB_ROWS(3)
         } else {
             LB_ROWS(2)
         }
     }
+    free(X);
+    free(xq);
+    return int8;
 }
 #endif  // AVX512-BF16
 

@@ -23,13 +23,16 @@ __all__ = ["COUNTERS", "POLICIES", "PREDICT", "Engine", "attach", "min_budget", 
 
 
 def attach(model: Transformer, expert_files: list[ExpertFile], budget_bytes: int, *, policy: str = "lru+predict",
-           predict: str = "before", loaders: int = 1, prefetch_limit: int | None = None) -> Engine:
+           predict: str = "before", loaders: int = 1, prefetch_limit: int | None = None,
+           staged: bool = False) -> Engine:
     """Run `model`'s MoE layers from `expert_files` (one `ExpertFile` per layer, in order; the engine owns them and
     closes them) through a pool of `budget_bytes` of expert slots: budget_bytes // record_bytes slots, at most
     every expert of the model. The model's own expert weights are not used (drop them with `strip_experts` to
     free their memory). policy: one of POLICIES; predict: "before" or "after" (for "lru+predict"); loaders:
     background reading threads; prefetch_limit: most experts predicted per layer (default: the pool's share per
-    layer, at least top_k). Returns the Engine (a context manager; `close()` detaches it).
+    layer, at least top_k). The slots live where the model does: on a GPU (the model moved there first) they are
+    device memory filled through pinned host buffers (the engine's docstring); staged=True takes that path on the
+    CPU too. Returns the Engine (a context manager; `close()` detaches it).
 
     Raises InputError for an unknown policy or predict, a dense model, a file count that is not the layer count,
     or a budget below `min_budget` (top_k slots: one token's experts in one layer; a batch whose experts do not
@@ -48,7 +51,7 @@ def attach(model: Transformer, expert_files: list[ExpertFile], budget_bytes: int
                          f"{record} bytes; at least {model.config.top_k} (one token's experts in one layer) are "
                          f"needed: give at least {needed} bytes")
     return Engine(model, expert_files, budget_bytes, policy=policy, predict=predict, loaders=loaders,
-                  prefetch_limit=prefetch_limit)
+                  prefetch_limit=prefetch_limit, staged=staged)
 
 
 def min_budget(model: Transformer, expert_files: list[ExpertFile]) -> int:

@@ -20,6 +20,11 @@ Policies (`POLICIES`):
   the experts it used at the previous step (a decode step's routing repeats the last token's often).
   docs/routing.md measured both on the default model's routes: recall 43-81% before, 71-89% after.
 
+On a GPU (a model on a CUDA device) the slots are device memory: each record is read from disk into a page-aligned
+pinned host buffer of the reading thread, copied into its slot on that thread's own CUDA stream (beside the model's
+computation), and marked read once the copy is done, so the layer that uses it never sees half a record. The same
+staged path runs on the CPU with `staged=True` (a plain copy), which is how it is tested where no GPU is.
+
 A layer whose experts (the union over a batch's tokens) outnumber the slots runs in rounds, each expert at most
 once, in expert order: the float32 sum of each token's experts is then added in the same order as in one pass.
 Loads are done by `loaders` background threads (os.preadv releases the GIL) and, for the reads the running layer
@@ -39,7 +44,7 @@ import torch
 
 from mixtral import kernels
 from mixtral.errors import CheckpointError, InputError
-from mixtral.io.experts import ExpertFile, aligned_buffer
+from mixtral.io.experts import PAGE, ExpertFile, aligned_buffer
 from mixtral.model import Transformer
 from mixtral.moe import sort_by_expert
 
@@ -73,7 +78,7 @@ class Engine:
 
     def __init__(self, model: Transformer, files: list[ExpertFile], budget_bytes: int, *,
                  policy: str = "lru+predict", predict: str = "before", loaders: int = 1,
-                 prefetch_limit: int | None = None):
+                 prefetch_limit: int | None = None, staged: bool = False):
         config = model.config
         self.model, self.files, self.policy, self.predict = model, list(files), policy, predict
         self.n_layers, self.n_experts, self.top_k = config.n_layers, config.n_experts, config.top_k
@@ -83,7 +88,13 @@ class Engine:
         # union of guesses is most of the experts, and reading them all would push out what later layers need.
         self.prefetch_limit = prefetch_limit or max(self.top_k, self.slot_count // self.n_layers)
         self.dtype = model.tok_embeddings.weight.dtype
-        self._pool = aligned_buffer(self.slot_count * self.record_bytes)
+        self.device = model.tok_embeddings.weight.device
+        self.staged = staged or self.device.type != "cpu"
+        if self.staged:  # slots on the model's device, filled through each reading thread's host buffer
+            self._pool = torch.empty(self.slot_count * self.record_bytes, dtype=torch.uint8, device=self.device)
+        else:
+            self._pool = aligned_buffer(self.slot_count * self.record_bytes)
+        self._local = threading.local()  # a staged reader's host buffer and copy stream
         self._slots = [_Slot(self._pool[i * self.record_bytes:(i + 1) * self.record_bytes])
                        for i in range(self.slot_count)]
         self._table: dict[tuple[int, int], _Slot] = {}
@@ -366,7 +377,10 @@ class Engine:
         start = time.perf_counter()
         try:
             file = self.files[layer]
-            file.read_into(e, slot.memory)
+            if self.staged:
+                self._staged_read(file, e, slot.memory)
+            else:
+                file.read_into(e, slot.memory)
             views, error = file.views(slot.memory, self.dtype), None
         except BaseException as exc:  # handed to the waiting layer (demand) or logged (prefetch)
             views, error = None, exc
@@ -381,6 +395,23 @@ class Engine:
                 log.warning("offload: prefetch of expert %d of layer %d failed: %s", e, layer, error)
                 self._drop(slot)
             self._cond.notify_all()
+
+    def _staged_read(self, file: ExpertFile, e: int, memory: torch.Tensor) -> None:
+        """Read record `e` of `file` into this thread's host buffer, then copy it into `memory` (a slot on the
+        model's device): on a GPU on this thread's stream, waited for here, so that the buffer can take the next
+        read and the slot is whole once marked read."""
+        local = self._local
+        if getattr(local, "buffer", None) is None:
+            local.buffer = host_buffer(self.record_bytes, pinned=self.device.type == "cuda")
+            local.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        file.read_into(e, local.buffer)
+        source = local.buffer[:len(memory)]
+        if local.stream is None:
+            memory.copy_(source)
+            return
+        with torch.cuda.stream(local.stream):
+            memory.copy_(source, non_blocking=True)
+        local.stream.synchronize()
 
     def _next_read(self) -> _Slot | None:
         """The next slot to read into (lock held), waiting for work; None once closed. Demand reads first; a
@@ -400,6 +431,16 @@ class Engine:
                 return self._assign(victim, (layer, e), prefetched=True)
             self._cond.wait()
         return None
+
+
+def host_buffer(nbytes: int, *, pinned: bool) -> torch.Tensor:
+    """A uint8 host buffer of `nbytes` starting on a page, as O_DIRECT reads need: page-locked (CUDA's pinned
+    memory, which copies to a GPU asynchronously) with `pinned`, else `aligned_buffer`'s."""
+    if not pinned:
+        return aligned_buffer(nbytes)
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=True)
+    start = -raw.data_ptr() % PAGE
+    return raw[start:start + nbytes]
 
 
 def check_files(model: Transformer, files: list[ExpertFile]) -> None:

@@ -48,8 +48,12 @@ DEFAULT_QUALITY_FLOOR = 0.05  # the perplexity increase `mixtral plan` accepts u
 
 # How fast each precision's one-row kernel reads its bytes, as a share of the bf16 GEMV's speed (which is memory
 # speed): the low-bit ones are bound by unpacking. `mixtral bench quant-accuracy --kernels` on the AMD EPYC of
-# 2026-12-03 (bf16 37.4-37.9 GB/s; int8 20-23, int4 g128 20-25, int3 g128 12.6-14.3, int2 8-10).
-KERNEL_SPEED = {"bf16": 1.0, "int8": 0.57, "int4": 0.60, "int3": 0.35, "int2": 0.24}
+# 2026-12-03, four runs alternating lowbit.c's two ways (bf16 32.3-33.8 GB/s, two outliers at 40-46; int8
+# 23.0-26.1, int4 g128 23.1-33.1, int3 g64/g128 with int8 activations 22.2-27.7, int2 g32 14.0-17.8).
+KERNEL_SPEED = {"bf16": 1.0, "int8": 0.74, "int4": 0.77, "int3": 0.76, "int2": 0.48}
+# lowbit.c's exact way, where its int8-activation way is not built or is turned off (int3 17.5-21.1 GB/s, int2 g32
+# 11.1-13.5, the same runs)
+EXACT_LOWBIT_SPEED = {"int3": 0.58, "int2": 0.37}
 
 GB = 1e9
 
@@ -189,15 +193,19 @@ def estimate(config: ModelConfig, budget: int, machine: Machine, *, experts: str
     attention_read = config.n_layers * attention_bytes(config, attention)
     output_read = quant.matrix_bytes(output, config.vocab_size, config.dim)
     experts_read = config.n_layers * config.top_k * one
-    compute = (attention_read / (bandwidth * _speed(attention)) + output_read / (bandwidth * _speed(output))
-               + experts_read / (bandwidth * _speed(experts)))
+    compute = (attention_read / (bandwidth * kernel_speed(attention))
+               + output_read / (bandwidth * kernel_speed(output)) + experts_read / (bandwidth * kernel_speed(experts)))
     return Plan(experts, attention, output, resident, one, slots, offloaded, hit_rate, misses * one,
                 compute, misses * one / machine.disk_bytes_per_s, QUALITY.get((experts, attention)))
 
 
-def _speed(precision: str) -> float:
+def kernel_speed(precision: str) -> float:
+    """The share of memory speed at which this machine's one-row kernel reads `precision`'s bytes."""
     parsed = quant.parse_precision(precision)
-    return KERNEL_SPEED[parsed.mode if parsed else "bf16"]
+    mode = parsed.mode if parsed else "bf16"
+    if mode in EXACT_LOWBIT_SPEED and not kernels.policy().lowbit_int8:
+        return EXACT_LOWBIT_SPEED[mode]
+    return KERNEL_SPEED[mode]
 
 
 def plans(config: ModelConfig, budget: int, machine: Machine, *, context: int = 4096,
