@@ -91,6 +91,14 @@ def test_offloaded_load_equals_the_resident_model(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "experts").rglob("*") if p.is_file()} == written
 
 
+def test_an_unquantized_model_offloads_in_its_own_dtype(tmp_path):
+    resident = load("tiny", dtype="bf16", seed=4)
+    offloaded = load("tiny", dtype="bf16", seed=4, offload="24MB", offload_dir=tmp_path / "experts", progress=False)
+    with offloaded.offload_engine:
+        ids = torch.tensor([[1, 5, 9, 200, 31]])
+        assert torch.equal(offloaded(ids), resident(ids))
+
+
 def test_offloading_a_quantized_checkpoint_reads_its_expert_files(tmp_path):
     from mixtral.io.loading import quantize_checkpoint
 

@@ -81,9 +81,10 @@ def _quantized_modules(model: Transformer, *, experts: bool) -> dict[str, quant.
 
 def write_resident_part(model: Transformer, directory: Path) -> None:
     """config.json and model.safetensors of a quantized checkpoint (everything but the experts) into `directory`,
-    from a model `quantize` changed, with or without its experts (`mixtral.io.checkpoint.drop_experts`)."""
-    settings = quant.quantization_of(model)
-    if settings is None or not isinstance(model, Transformer):
+    from a model `quantize` changed, with or without its experts (`mixtral.io.checkpoint.drop_experts`). Every
+    part may be unquantized (the expert files of a bf16 model that is offloaded)."""
+    settings = getattr(model, "quantization", None)  # not quantization_of, which is None when nothing is quantized
+    if not settings or not isinstance(model, Transformer):
         raise InputError("a quantized checkpoint is written from a Transformer that mixtral.quant.quantize changed")
     plans = [TensorPlan(name, tuple(t.shape), t.dtype, lambda t=t: t)
              for name, t in _plain_tensors(model, experts=False).items()]
