@@ -283,3 +283,26 @@ def test_routes_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_pooled_lru_by_hand_and_against_per_layer_caches():
+    seq = np.zeros(3, dtype=int)
+    # 2 layers, top-1; tokens use (layer 0, layer 1) = (0, 5), (0, 6), (0, 5)
+    experts = np.array([[[0], [0], [0]], [[5], [6], [5]]])
+    # one shared slot pair: layer 0's 0 and layer 1's current expert; 5 is evicted by 6, then missed again
+    assert stats.pooled_lru(experts, seq, 2) == {"hit_rate": 2 / 6, "demand_loads": 4 / 3, "prefetch_loads": 0.0}
+    # three shared slots hold everything after the first use
+    assert stats.pooled_lru(experts, seq, 3)["hit_rate"] == pytest.approx(3 / 6)
+    # quotas [1, 2]: layer 1 keeps both its experts
+    assert stats.pooled_lru(experts, seq, [1, 2])["hit_rate"] == pytest.approx(3 / 6)
+    # quotas [2, 1]: layer 0 wastes its second slot, layer 1 thrashes
+    assert stats.pooled_lru(experts, seq, [2, 1])["hit_rate"] == pytest.approx(2 / 6)
+    # per-layer quotas are independent LRUs: the same as prefetch_lru layer by layer
+    routes = np.stack([random_routes(800, 8, 2, seed=s) for s in (1, 2)])
+    seq = np.repeat(np.arange(4), 200)
+    pooled = stats.pooled_lru(routes, seq, [3, 5])["hit_rate"]
+    alone = [stats.prefetch_lru(routes[layer], None, seq, c)["hit_rate"] for layer, c in enumerate((3, 5))]
+    assert pooled == pytest.approx(np.mean(alone))
+    # a right guess for layer 1 turns its miss into a prefetch
+    guessed = stats.pooled_lru(experts, np.zeros(3, dtype=int), 2, predicted=experts[1:])
+    assert guessed["demand_loads"] == pytest.approx(1 / 3) and guessed["prefetch_loads"] == pytest.approx(3 / 3)

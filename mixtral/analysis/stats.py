@@ -184,3 +184,56 @@ def token_consistency(tokens: np.ndarray, first_choice: np.ndarray, min_count: i
     shuffled = np.random.default_rng(seed).permutation(np.asarray(first_choice))
     return {"consistency": consistency, "shuffled": modal_share(shuffled)[0], "token_ids": n_ids,
             "occurrences": n_occ}
+
+
+def pooled_lru(experts: np.ndarray, sequence: np.ndarray, slots: int | list[int],
+               predicted: np.ndarray | None = None) -> dict[str, float]:
+    """Simulate the offloading engine's pool of expert slots over all layers, in decoding order (each token through
+    layers 0 .. L-1), with LRU eviction: `slots` an int is one pool shared by every layer (the engine's), a list
+    one quota per layer, each layer evicting only among its own. experts [L, tokens, k]; predicted [L - 1,
+    tokens, k] (optional): layer l's guess, made at layer l - 1, loaded just before layer l routes, best guess
+    last (as `prefetch_lru`). The cache starts cold at each sequence's start. Unlike `prefetch_lru`, layers
+    compete for slots: a layer's misses evict another's experts.
+
+    Returns per-token averages over all layers: `hit_rate` (share of real accesses found in the pool),
+    `demand_loads` and `prefetch_loads` (experts per token)."""
+    from collections import OrderedDict
+
+    n_layers = experts.shape[0]
+    shared = isinstance(slots, int)
+    quotas = [slots] if shared else list(slots)
+    if not shared and len(quotas) != n_layers:
+        raise ValueError(f"{len(quotas)} quotas for {n_layers} layers")
+    pools: list[OrderedDict] = [OrderedDict() for _ in quotas]
+    hits = demand = prefetched = 0
+    previous = None
+    rows = experts.tolist()
+    guesses = predicted.tolist() if predicted is not None else None
+
+    def touch(layer: int, e: int) -> bool:
+        """Use (layer, e): True if it was in the pool; made most recent either way."""
+        pool = pools[0 if shared else layer]
+        key = (layer, e)
+        found = key in pool
+        if found:
+            pool.move_to_end(key)
+        else:
+            pool[key] = None
+            if len(pool) > quotas[0 if shared else layer]:
+                pool.popitem(last=False)
+        return found
+
+    for t, seq in enumerate(np.asarray(sequence).tolist()):
+        if seq != previous:
+            pools, previous = [OrderedDict() for _ in quotas], seq
+        for layer in range(n_layers):
+            if guesses is not None and layer > 0:
+                for e in reversed(guesses[layer - 1][t]):
+                    prefetched += not touch(layer, e)
+            for e in rows[layer][t]:
+                if touch(layer, e):
+                    hits += 1
+                else:
+                    demand += 1
+    n = max(experts.shape[1], 1)
+    return {"hit_rate": hits / max(experts.size, 1), "demand_loads": demand / n, "prefetch_loads": prefetched / n}
