@@ -251,13 +251,20 @@ class MoE(nn.Module):
         # Set by an offloading engine (`mixtral.offload`) whose experts live on disk, not in w13/w2:
         # offload(x [tokens, dim], weights, experts [tokens, top_k]) -> y [tokens, dim], inference only.
         self.offload = None
+        # Set by `mixtral.finetune.lora`: a module holding low-rank adapters of every expert, which then runs the
+        # experts: lora(x, w13, w2, weights, experts, kept) -> y [tokens, dim].
+        self.lora = None
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         """y for x [..., dim]; with `return_routing`, (y, Routing), the Routing None for a dense FFN."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self.router is None:
-            y = kernels.swiglu(x, self.w13[0], self.w2[0]).reshape(shape)
+            if self.lora is not None:  # every token to expert 0, weight 1
+                ones = torch.ones(len(x), 1, device=x.device)
+                y = self.lora(x, self.w13, self.w2, ones, ones.long() * 0, None).reshape(shape)
+            else:
+                y = kernels.swiglu(x, self.w13[0], self.w2[0]).reshape(shape)
             return (y, None) if return_routing else y
         logits = self.router_logits(x)
         weights, experts = route(logits, self.top_k)
@@ -267,6 +274,8 @@ class MoE(nn.Module):
             kept = capacity_mask(experts, len(self.w13), limit)
         if self.offload is not None:
             y = self.offload(x, weights, experts).reshape(shape)
+        elif self.lora is not None:
+            y = self.lora(x, self.w13, self.w2, weights, experts, kept).reshape(shape)
         else:
             y = DISPATCH[self.dispatch](x, self.w13, self.w2, weights, experts, kept).reshape(shape)
         return (y, Routing(logits, experts, kept)) if return_routing else y

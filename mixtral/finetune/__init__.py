@@ -1,0 +1,2 @@
+"""Fine-tuning a Mixtral: low-rank adapters (`lora`) on attention and on every expert, over float or quantized
+(QLoRA) base weights."""
