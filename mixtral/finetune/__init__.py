@@ -1,2 +1,2 @@
 """Fine-tuning a Mixtral: low-rank adapters (`lora`) on attention and on every expert, over float or quantized
-(QLoRA) base weights."""
+(QLoRA) base weights; the SFT and DPO objectives (`losses`)."""
