@@ -101,29 +101,39 @@ def _decode(data: bytes, where: str) -> str:
         raise InputError(f"{where}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r})") from None
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file (gzipped or not). Raises InputError
+    naming the file and line when the file cannot be read, is not UTF-8, or a line is not valid JSON."""
+    try:
+        with _open(path) as f:
+            for number, raw in enumerate(f, start=1):
+                line = _decode(raw, f"{path}:{number}")
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+
+
 def read_documents(path: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[tuple[int, str]]:
     """(index, text) of each document of one file: the whole file (index 0), or each JSONL line (its number).
 
     Raises InputError naming the file (and line) when the file cannot be read, is not UTF-8, or a JSONL line is
     not an object with a string `text_field`.
     """
+    if _is_jsonl(path):
+        for number, record in json_lines(path):
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise InputError(f"{path}:{number}: expected a JSON object with a string field {text_field!r} "
+                                 f"(set another with --text-field)")
+            yield number, record[text_field]
+        return
     try:
         with _open(path) as f:
-            if not _is_jsonl(path):
-                yield 0, _decode(f.read(), str(path))
-                return
-            for number, raw in enumerate(f, start=1):
-                line = _decode(raw, f"{path}:{number}")
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise InputError(f"{path}:{number}: expected a JSON object with a string field {text_field!r} "
-                                     f"(set another with --text-field)")
-                yield number, record[text_field]
+            yield 0, _decode(f.read(), str(path))
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise InputError(f"cannot read {path}: {e}") from e
 
