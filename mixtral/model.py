@@ -117,6 +117,26 @@ def causal_mask(seq: int, window: int | None, device: torch.device) -> torch.Ten
     return (offset >= 0) & (offset < window)
 
 
+def document_mask(documents: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean mask for rows packed with several documents (`documents` [batch, seq], the
+    document of each token, equal for consecutive tokens of one): causal, within the token's own document, and
+    within the sliding window if there is one."""
+    seq = documents.shape[1]
+    pos = torch.arange(seq, device=documents.device)
+    offset = pos[:, None] - pos[None, :]
+    allowed = offset >= 0 if window is None else (offset >= 0) & (offset < window)
+    return (allowed & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """[batch, seq]: each token's position within its document (0 at each document's first token)."""
+    batch, seq = documents.shape
+    index = torch.arange(seq, device=documents.device).expand(batch, seq)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - (index * starts).cummax(dim=1).values
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -129,30 +149,36 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `input_ids` [batch, seq].
 
-        Without `cache`: the whole sequences from position 0, logits [batch, seq, vocab].
+        Without `cache`: the whole sequences from position 0, logits [batch, seq, vocab]. `documents` [batch,
+        seq] (no cache): rows packed with several documents, the document of each token; each then attends only
+        within its own and its positions start at 0 (`document_mask`, `document_positions`), as if run alone.
         With `cache`: the next `seq` tokens of each row after what the cache holds; `n_new[b]` of them are real
         (the rest padding, default all). `last_only` returns only the logits of each row's last real token,
         [batch, 1, vocab], skipping the output projection of the others.
         """
-        h, _ = self.trunk(input_ids, cache, n_new)
+        h, _ = self.trunk(input_ids, cache, n_new, documents)
         if last_only:
             batch, seq = input_ids.shape
             last = (n_new - 1) if n_new is not None else torch.full((batch,), seq - 1, device=h.device)
             h = h[torch.arange(batch, device=h.device), last][:, None]
         return self.output(self.norm(h))
 
-    def trunk(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-              n_new: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Routing]]:
+    def trunk(self, input_ids: torch.Tensor, cache: KVCache | None = None, n_new: torch.Tensor | None = None,
+              documents: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Routing]]:
         """The hidden states after the last block, [batch, seq, dim] before the final norm, and each MoE layer's
         `Routing` (none for a dense model). `forward` adds the norm and output projection; training takes the
         routing for its auxiliary losses and computes the cross-entropy from `norm(h)` in chunks
         (`mixtral.train.losses`). Arguments as for `forward`.
         """
         batch, seq = input_ids.shape
-        if cache is None:
+        if documents is not None:
+            assert cache is None, "packed documents are for full forward passes (training), not the KV cache"
+            positions = document_positions(documents)
+            mask = document_mask(documents, self.config.sliding_window)
+        elif cache is None:
             positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
             mask = causal_mask(seq, self.config.sliding_window, input_ids.device)
         else:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mixtral.errors import InputError
-from mixtral.finetune.data import encode_conversation, read_conversations
+from mixtral.finetune.data import Example, encode_conversation, pack, read_conversations
 from mixtral.finetune.losses import IGNORE
 from mixtral.io.tokenizer import load_tokenizer
 
@@ -48,3 +49,17 @@ def test_bad_conversations_are_named_by_line(tmp_path):
         read_conversations(path, TOKENIZER)
     path.write_text(json.dumps({"messages": TALK}))
     assert len(read_conversations(path, TOKENIZER)) == 1
+
+
+def test_packing_keeps_examples_whole_and_apart():
+    examples = [Example([1, 2, 3], [IGNORE, 3, IGNORE]), Example([4, 5], [5, IGNORE]),
+                Example([6, 7, 8, 9, 10, 11], [7, 8, 9, 10, 11, IGNORE]), Example([12], [IGNORE])]
+    packed = pack(examples, 5)
+    assert packed.truncated == 1  # the 6-token example, cut to 5 (its last target dropped: past the row)
+    assert packed.ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [12, 0, 0, 0, 0]]
+    assert packed.targets.tolist() == [[IGNORE, 3, IGNORE, 5, IGNORE], [7, 8, 9, 10, IGNORE],
+                                       [IGNORE] * 5]
+    assert packed.documents.tolist() == [[0, 0, 0, 1, 1], [0] * 5, [0, 4, 4, 4, 4]]
+    # the packed row's loss equals each example's on its own: the model sees them apart (tests/test_model.py)
+    assert torch.equal(packed.targets != IGNORE, torch.tensor(
+        [[False, True, False, True, False], [True] * 4 + [False], [False] * 5]))

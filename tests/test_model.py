@@ -1,10 +1,14 @@
 """Parity with transformers' Mixtral and Mistral: logits (both MoE dispatches), greedy continuations, bf16."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import mixtral
+from mixtral.config import PRESETS
+from mixtral.model import document_positions, random_model
 
 from conftest import hf_mistral, hf_mixtral
 
@@ -86,3 +90,16 @@ def test_preset_gives_seeded_random_model():
     with torch.no_grad():
         assert torch.equal(a(ids), b(ids))
         assert a(ids).shape == (1, 3, 32000)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_documents_give_each_documents_own_logits(window):
+    config = dataclasses.replace(PRESETS["tiny"], n_layers=2, sliding_window=window)
+    model = random_model(config, seed=5)
+    docs = [torch.tensor([1, 5, 9, 200]), torch.tensor([7, 3]), torch.tensor([2, 8, 8, 3, 90])]
+    packed = torch.cat(docs)[None]
+    documents = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    assert document_positions(documents).tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4]]
+    got = model(packed, documents=documents)[0]
+    want = torch.cat([model(d[None])[0] for d in docs])
+    assert torch.allclose(got, want, atol=1e-5)

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
+import torch
+
 from mixtral.data.prepare import json_lines
 from mixtral.errors import InputError
 from mixtral.finetune.losses import IGNORE
@@ -72,3 +74,44 @@ def read_conversations(path: str | os.PathLike, tokenizer) -> list[Example]:
         except InputError as e:
             raise InputError(f"{path}:{n}: {e}") from None
     return examples
+
+
+class Packed(NamedTuple):
+    """Rows of several examples each, for `Transformer.forward(ids, documents=documents)`."""
+    ids: torch.Tensor  # [rows, seq_len] long; padding 0
+    targets: torch.Tensor  # [rows, seq_len] long; IGNORE on prompts and padding
+    documents: torch.Tensor  # [rows, seq_len] long: which example of its row each token is (padding: its own)
+    truncated: int  # examples cut to seq_len
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> Packed:
+    """Fill rows of `seq_len` tokens with whole examples, in order, first fit: an example goes in the first row
+    with room for it, else a new row. An example longer than a row is cut to it (counted in `truncated`). Each
+    token's document keeps attention and positions inside its own example."""
+    if seq_len < 2:
+        raise InputError(f"seq_len must be at least 2, got {seq_len}")
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    truncated = 0
+    for ex in examples:
+        if len(ex.ids) > seq_len:
+            ex = Example(ex.ids[:seq_len], ex.targets[:seq_len - 1] + [IGNORE])
+            truncated += 1
+        row = next((r for r, free in enumerate(room) if free >= len(ex.ids)), None)
+        if row is None:
+            rows.append([])
+            room.append(seq_len)
+            row = len(rows) - 1
+        rows[row].append(ex)
+        room[row] -= len(ex.ids)
+    ids = torch.zeros(len(rows), seq_len, dtype=torch.long)
+    targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
+    documents = torch.full((len(rows), seq_len), len(examples), dtype=torch.long)  # padding: a document of its own
+    for r, row in enumerate(rows):
+        at = 0
+        for d, ex in enumerate(row):
+            ids[r, at:at + len(ex.ids)] = torch.tensor(ex.ids)
+            targets[r, at:at + len(ex.ids)] = torch.tensor(ex.targets)
+            documents[r, at:at + len(ex.ids)] = d
+            at += len(ex.ids)
+    return Packed(ids, targets, documents, truncated)
