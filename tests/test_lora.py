@@ -153,3 +153,12 @@ def test_a_dense_model_takes_expert_adapters_too():
     _trained(tuned)
     got = tuned(IDS)
     assert torch.allclose(lora.merge_lora(tuned)(IDS), got, atol=1e-4) and not torch.allclose(got, base(IDS))
+
+
+def test_adapters_off_is_the_base_model_for_dpos_reference():
+    base = _model()
+    tuned = _trained(lora.apply_lora(_model(), lora.LoRAConfig(rank=2)))
+    on = tuned(IDS)
+    with lora.adapters_off(tuned):
+        assert torch.allclose(tuned(IDS), base(IDS), atol=1e-5)
+    assert torch.equal(tuned(IDS), on) and not torch.allclose(on, base(IDS))

@@ -21,7 +21,9 @@ import dataclasses
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +202,21 @@ def apply_lora(model: Transformer, config: LoRAConfig | None = None) -> Transfor
 def adapter_parameters(model: Transformer) -> dict[str, nn.Parameter]:
     """{name: parameter} of what trains: the adapters, and the routers with train_router."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def adapters_off(model: Transformer) -> Iterator[Transformer]:
+    """Run `model` as its base inside the block (every adapter's scale 0): the reference model of DPO without a
+    second copy of the weights. A trained router stays as trained (it is not an adapter)."""
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
+    scales = [m.scale for m in modules]
+    for m in modules:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in zip(modules, scales):
+            m.scale = scale
 
 
 def merge_lora(model: Transformer) -> Transformer:
