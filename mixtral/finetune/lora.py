@@ -1,6 +1,6 @@
 """Low-rank adapters (LoRA, Hu et al. 2021) on a Mixtral, wrapping its modules rather than copying them.
 
-    W x  ->  W x + (alpha / rank) · B A x        A [rank, in] (random), B [out, rank] (zeros: the model starts unchanged)
+    W x  ->  W x + (alpha / rank) · B A x     A [rank, in] (random), B [out, rank] (zeros: starts unchanged)
 
 Targets: the attention projections (`LoRALinear` replaces wq/wk/wv/wo, holding the original as `base`) and every
 expert's w13 and w2, as stacks so one module serves a layer: a13 [n_experts, rank, dim], b13 [n_experts,
@@ -77,9 +77,7 @@ class FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w) -> torch.Tensor:
         ctx.w = w
-        if isinstance(w, QuantizedWeight):
-            return w.linear(x)
-        return F.linear(x, w.to(x.dtype))
+        return _frozen_product(x, w)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -128,7 +126,7 @@ class ExpertLoRA(nn.Module):
     def __init__(self, moe: MoE, config: LoRAConfig):
         super().__init__()
         n_experts, hidden, dim = _expert_shape(moe)
-        device = moe.router.weight.device if moe.router is not None else _expert_device(moe)
+        device = _expert_device(moe)
         self.scale = config.scale
         self.a13 = nn.Parameter(torch.empty(n_experts, config.rank, dim, device=device))
         self.b13 = nn.Parameter(torch.zeros(n_experts, 2 * hidden, config.rank, device=device))
@@ -157,11 +155,12 @@ class ExpertLoRA(nn.Module):
         return out.to(dtype)
 
     def _product(self, xs: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        base = FrozenLinear.apply(xs, w) if torch.is_grad_enabled() else _inference_product(xs, w)
+        base = FrozenLinear.apply(xs, w) if torch.is_grad_enabled() else _frozen_product(xs, w)
         return base + self.scale * ((self.dropout(xs) @ a.to(xs.dtype).t()) @ b.to(xs.dtype).t())
 
 
-def _inference_product(x: torch.Tensor, w) -> torch.Tensor:
+def _frozen_product(x: torch.Tensor, w) -> torch.Tensor:
+    """x · wᵀ for a float tensor or a QuantizedWeight (its kernels), in x's dtype."""
     return w.linear(x) if isinstance(w, QuantizedWeight) else F.linear(x, w.to(x.dtype))
 
 

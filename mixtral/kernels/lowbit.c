@@ -94,6 +94,11 @@ static inline __m512 lb_scales(const uint16_t *s, int two) {
                                                       0x00FF, v, 16));
 }
 
+// The `k` of 16 bf16 numbers at p as float lanes (the others 0; bf16 -> float is a 16-bit shift).
+static inline __m512 lb_bf16x16(__mmask16 k, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
 // sum_g z_g X[g] - c s_g R[g] for one weight row, 16 groups a step: the constant part of every weight times x's
 // group sums X, and the offset c of the integers times R (X itself, or the rounded x's sums of the int8 way).
 static inline float lb_offsets(const uint16_t *s, const uint16_t *z, const float *X, const float *R, int groups,
@@ -102,12 +107,8 @@ static inline float lb_offsets(const uint16_t *s, const uint16_t *z, const float
     const __m512 cv = _mm512_set1_ps(c);
     for (int g = 0; g < groups; g += 16) {
         __mmask16 k = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-        __m512 sv = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, s + g)), 16));
-        __m512 zv = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, z + g)), 16));
-        acc = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(k, X + g), acc);
-        acc = _mm512_fnmadd_ps(_mm512_mul_ps(cv, sv), _mm512_maskz_loadu_ps(k, R + g), acc);
+        acc = _mm512_fmadd_ps(lb_bf16x16(k, z + g), _mm512_maskz_loadu_ps(k, X + g), acc);
+        acc = _mm512_fnmadd_ps(_mm512_mul_ps(cv, lb_bf16x16(k, s + g)), _mm512_maskz_loadu_ps(k, R + g), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -219,10 +220,8 @@ static inline __m512 lb_pair_scales(const float *d) {
 // conversion, multiplication and fused add for two groups.
 static inline __attribute__((always_inline)) void lowbit_rows_int8(const int8_t *xq, const int MB, const float *D,
                                                                    const float *Rm, const float *Xm, const uint8_t *Q,
-                                                                   const uint16_t *S, const uint16_t *Z, int N, int K,
-                                                                   int G, const int BITS, float *y, int ldy, int n0,
-                                                                   int n1) {
-    (void)N;
+                                                                   const uint16_t *S, const uint16_t *Z, int K, int G,
+                                                                   const int BITS, float *y, int ldy, int n0, int n1) {
     const int gap = G * BITS / 8;  // bytes of a group
     __m512i perm, ctrl;
     __mmask64 load;
@@ -281,10 +280,10 @@ static inline __attribute__((always_inline)) void lowbit_rows_int8(const int8_t 
         const float *Dm = D + (long)m0 * (K / G), *Rm = R + (long)m0 * (K / G), *Xm = X + (long)m0 * (K / G);\
         float *ym = y + (long)m0 * N;                                                                       \
         switch (M - m0 < LB_MAX_ROWS ? M - m0 : LB_MAX_ROWS) {                                              \
-            case 1: lowbit_rows_int8(xm, 1, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;          \
-            case 2: lowbit_rows_int8(xm, 2, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;          \
-            case 3: lowbit_rows_int8(xm, 3, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;          \
-            default: lowbit_rows_int8(xm, 4, Dm, Rm, Xm, Q, S, Z, N, K, G, BITS, ym, N, n0, n1); break;         \
+            case 1: lowbit_rows_int8(xm, 1, Dm, Rm, Xm, Q, S, Z, K, G, BITS, ym, N, n0, n1); break;             \
+            case 2: lowbit_rows_int8(xm, 2, Dm, Rm, Xm, Q, S, Z, K, G, BITS, ym, N, n0, n1); break;             \
+            case 3: lowbit_rows_int8(xm, 3, Dm, Rm, Xm, Q, S, Z, K, G, BITS, ym, N, n0, n1); break;             \
+            default: lowbit_rows_int8(xm, 4, Dm, Rm, Xm, Q, S, Z, K, G, BITS, ym, N, n0, n1); break;            \
         }                                                                                                   \
     }
 #endif  // VNNI and VBMI
@@ -300,8 +299,7 @@ static void lb_prepare_x(const uint16_t *x, int M, int K, int G, float *X, int8_
             const uint16_t *xg = x + (long)m * K + (long)g * G;
             __m512 sum = _mm512_setzero_ps(), amax = _mm512_setzero_ps();
             for (int k = 0; k < G; k += 16) {
-                __m512 v = _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16));
+                __m512 v = lb_bf16x16(0xFFFF, xg + k);
                 sum = _mm512_add_ps(sum, v);
                 amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
             }
@@ -310,8 +308,7 @@ static void lb_prepare_x(const uint16_t *x, int M, int K, int G, float *X, int8_
             const float a = _mm512_reduce_max_ps(amax), inv = a > 0 ? 127.0f / a : 0.0f;
             __m512i count = _mm512_setzero_si512();
             for (int k = 0; k < G; k += 16) {
-                __m512 v = _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xg + k))), 16));
+                __m512 v = lb_bf16x16(0xFFFF, xg + k);
                 __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // |q| <= 127: a * inv
                 count = _mm512_add_epi32(count, q);
                 const long at = (long)(g & ~1) * G + 64 * (k / 32) + 32 * (g & 1) + k % 32;
@@ -333,14 +330,13 @@ int lowbit_int8_built(void) {
 
 // x bf16 [M, K]; Q uint8 [N, K*bits/8]; S, Z bf16 [N, K/G]; y float32 [M, N]. K a multiple of 32 and of G; G 16,
 // 32, 64 or 128; bits 2 or 3 (the caller checks). int8: round x to int8 (where built, G >= 32 and the groups of
-// a row even in number). Rows of W are
-// split between threads in blocks of 64. Returns 1 where x was rounded to int8, 0 where exact, -1 where memory for
-// x's sums could not be had (y untouched).
+// a row even in number). Rows of W are split between threads in blocks of 64. Returns 1 where x was rounded to
+// int8, 0 where exact, -1 where memory for x's sums could not be had (y untouched).
 int gemv_lowbit(const uint16_t *x, int M, const uint8_t *Q, const uint16_t *S, const uint16_t *Z, int N, int K,
                 int G, int bits, float *y, int threads, int int8) {
     const int groups = K / G;
 #ifdef LB_INT8
-    int8 = int8 && G >= 32 && (K / G) % 2 == 0;  // whole pairs of groups
+    int8 = int8 && G >= 32 && groups % 2 == 0;  // whole pairs of groups
 #else
     int8 = 0;
 #endif
