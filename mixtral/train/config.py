@@ -141,7 +141,10 @@ class TrainConfig:
         return data
 
 
-SECTIONS = {f.name: f for f in fields(TrainConfig) if f.name != "out_dir"}
+def sections_of(config: Any) -> dict[str, Any]:
+    """The tables of a run's config dataclass (TrainConfig, or a fine-tuning config built the same way): every
+    field but out_dir."""
+    return {f.name: f for f in fields(config) if f.name != "out_dir"}
 
 
 def dense_baseline(config: ModelConfig, match: str) -> ModelConfig:
@@ -161,18 +164,20 @@ def dense_baseline(config: ModelConfig, match: str) -> ModelConfig:
 
 # ---- reading -----------------------------------------------------------------------------------------------------
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), kind: type = TrainConfig,
+                checker: Any = None) -> Any:
     """Read a TOML file (None: all defaults), apply `--section.key value` overrides, check the result.
 
-    overrides: the command line's leftovers, e.g. ["--train.steps", "10", "--optim.lr=1e-3"]. Raises
-    ConfigError naming the file or option and the key at fault.
+    overrides: the command line's leftovers, e.g. ["--train.steps", "10", "--optim.lr=1e-3"]. kind: the config
+    dataclass (TrainConfig, or another of sections of dataclasses such as the fine-tuning config) and checker
+    its check function (default: `check`). Raises ConfigError naming the file or option and the key at fault.
     """
     raw = _read_toml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "config"
-    config = _build(raw, source)
+    config = _build(raw, source, kind())
     for key, value in _parse_overrides(overrides):
         _set(config, key, value, f"--{key}")
-    check(config, f"{source} with the command line's overrides" if overrides else source)
+    (checker or check)(config, f"{source} with the command line's overrides" if overrides else source)
     return config
 
 
@@ -198,19 +203,19 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merged
 
 
-def _build(raw: dict[str, Any], source: str) -> TrainConfig:
-    config = TrainConfig()
+def _build(raw: dict[str, Any], source: str, config: Any) -> Any:
+    sections = sections_of(config)
     for key, value in raw.items():
         if key == "out_dir":
             _set(config, key, value, source)
-        elif key in SECTIONS:
+        elif key in sections:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{key}] must be a table, got {value!r}")
             for sub, sub_value in value.items():
                 _set(config, f"{key}.{sub}", sub_value, source)
         else:
             raise ConfigError(f"{source}: unknown key {key!r}; top-level keys are base, out_dir and the tables "
-                              f"{', '.join(f'[{s}]' for s in SECTIONS)}")
+                              f"{', '.join(f'[{s}]' for s in sections)}")
     return config
 
 
@@ -233,15 +238,16 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
+def _set(config: Any, key: str, value: Any, source: str) -> None:
     """Set `section.key` (or `out_dir`) from a TOML value or a command-line string, converting and checking it."""
     if key == "out_dir":
         config.out_dir = _convert(value, str, source, key)
         return
     section_name, _, name = key.partition(".")
-    if section_name not in SECTIONS or not name:
+    sections = sections_of(config)
+    if section_name not in sections or not name:
         raise ConfigError(f"{source}: unknown key {key!r}; keys are out_dir and section.key with a section among "
-                          f"{', '.join(SECTIONS)}")
+                          f"{', '.join(sections)}")
     section = getattr(config, section_name)
     if section_name == "data" and name.startswith("weights."):  # --data.weights.code 0.5
         weights = dict(section.weights or {})
@@ -249,7 +255,7 @@ def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
         section.weights = weights
         return
     hints = typing.get_type_hints(type(section))
-    if section_name == "model" and name not in hints:
+    if isinstance(section, ModelSection) and name not in hints:
         model_hints = typing.get_type_hints(ModelConfig)
         if name not in model_hints:
             raise ConfigError(f"{source}: unknown key {key!r}; [model] takes preset, baseline and the ModelConfig "
@@ -300,6 +306,12 @@ def _convert(value: Any, kind: Any, source: str, key: str) -> Any:
         if value is None or isinstance(value, str) and value.lower() in ("none", "null"):
             return None
         kind = next(a for a in args if a is not type(None))
+    if typing.get_origin(kind) in (list, tuple):  # a TOML array, or a comma-separated string on the command line
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be an array, got {value!r}")
+        return tuple(_convert(item.strip() if isinstance(item, str) else item, typing.get_args(kind)[0], source,
+                              f"{key}[{i}]") for i, item in enumerate(items) if item != "")
     if typing.get_origin(kind) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of name = number, got {value!r}")
@@ -367,12 +379,12 @@ def _get(config: TrainConfig, key: str) -> Any:
     return getattr(getattr(config, section), name)
 
 
-def from_dict(data: dict[str, Any], source: str) -> TrainConfig:
-    """The inverse of `TrainConfig.to_dict` (what a checkpoint stores)."""
-    config = _build(data, source)
-    check(config, source)
+def from_dict(data: dict[str, Any], source: str, kind: type = TrainConfig, checker: Any = None) -> Any:
+    """The inverse of `TrainConfig.to_dict` (what a checkpoint stores); `kind` and `checker` as for load_config."""
+    config = _build(data, source, kind())
+    (checker or check)(config, source)
     return config
 
 
-def dumps(config: TrainConfig) -> str:
+def dumps(config: Any) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -134,8 +134,9 @@ def cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 GROUP_BYTES = 32 << 20
 
 
-def _linear_cross_entropy(h, weight, targets, dtype, chunk, ignore_index, with_grad):
-    """(loss, d loss/d h, d loss/d weight) — the gradients None unless `with_grad`."""
+def _linear_cross_entropy(h, weight, targets, dtype, chunk, ignore_index, with_grad, weight_grad=True):
+    """(loss, d loss/d h, d loss/d weight) — the gradients None unless `with_grad`, the weight's also None unless
+    `weight_grad` (a frozen output head, as in LoRA fine-tuning, skips its [vocab, dim] product)."""
     n, vocab = len(h), len(weight)
     valid = targets != ignore_index
     scale = valid[:, None].float() / valid.sum().clamp(min=1)  # each row's weight in the mean; 0 if ignored
@@ -167,7 +168,7 @@ def _linear_cross_entropy(h, weight, targets, dtype, chunk, ignore_index, with_g
                 # [chunk, dim] operands and results rather than to the [chunk, vocab] gradient.
                 p[index, target] = (log_p_target.exp() - 1).to(dtype)  # (scatter_ copied p twice here)
                 dh[rows] = (p @ w) * scale[rows]
-        if with_grad:
+        if with_grad and weight_grad:
             # [vocab, dim], added up in float32 across groups (the bf16 product is cast inside the add).
             product = grads.t() @ (x * scale[g:g + group]).to(dtype)
             dw = product.float() if dw is None else dw.add_(product)
@@ -177,11 +178,12 @@ def _linear_cross_entropy(h, weight, targets, dtype, chunk, ignore_index, with_g
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, dtype, chunk, ignore_index):
-        loss, dh, dw = _linear_cross_entropy(h, weight, targets, dtype, chunk, ignore_index, with_grad=True)
-        ctx.save_for_backward(dh, dw.to(weight.dtype))
+        loss, dh, dw = _linear_cross_entropy(h, weight, targets, dtype, chunk, ignore_index, with_grad=True,
+                                             weight_grad=weight.requires_grad)
+        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         dh, dw = ctx.saved_tensors
-        return dh * dloss, dw * dloss, None, None, None, None
+        return dh * dloss, None if dw is None else dw * dloss, None, None, None, None

@@ -24,7 +24,7 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -37,7 +37,7 @@ from mixtral.io.files import write_text
 from mixtral.model import Transformer
 from mixtral.train.checkpoints import (CONFIG_FILE, check_resumable, latest_checkpoint, load_checkpoint_state,
                                        save_checkpoint)
-from mixtral.train.config import TrainConfig, dumps, from_dict
+from mixtral.train.config import TrainConfig, TrainSection, dumps, from_dict
 from mixtral.train.losses import cross_entropy, load_balancing_loss, router_metrics, z_loss
 from mixtral.train.metrics import append_metrics, plot_curves, truncate_metrics
 
@@ -139,7 +139,8 @@ def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, aux
     return loss, parts, routing
 
 
-def autocast(config: TrainConfig):
+def autocast(config) -> "torch.autocast | nullcontext":
+    """bf16 autocast on the run's device when its [train] dtype is bf16 (any config with a TrainSection)."""
     device = torch.device(config.train.device).type
     if config.train.torch_dtype() == torch.bfloat16:
         return torch.autocast(device, dtype=torch.bfloat16)
@@ -193,16 +194,24 @@ def train(config: TrainConfig, *, train_data: Shards | None = None, val_data: Sh
     during the run and are put back after it. Raises ConfigError/InputError for a bad config or corpus,
     CheckpointError for an unreadable checkpoint, DivergedError for a NaN/Inf loss.
     """
+    with run_settings(config.train):
+        return _train(config, train_data, val_data, resume, progress)
+
+
+@contextmanager
+def run_settings(t: TrainSection) -> Iterator[None]:
+    """The thread count and deterministic mode a run's [train] section asks for, and glibc keeping freed memory
+    (`keep_freed_memory`), inside the block; the thread count and deterministic mode are put back after it."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
-        if config.train.deterministic:
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         keep_freed_memory()
-        return _train(config, train_data, val_data, resume, progress)
+        yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
