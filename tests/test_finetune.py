@@ -87,7 +87,7 @@ def test_sft_learns_and_writes_adapters_and_a_merged_model(tmp_path, data):
     assert [r["step"] for r in train] == list(range(1, 9))
     assert val[-1]["loss"] < val[0]["loss"] and train[-1]["loss"] < train[0]["loss"]
     assert train[0]["peak_rss_mb"] > 0
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "model/config.json",
+    for name in ("adapter/adapter_config.json", "adapter-peft/adapter_config.json", "adapter/adapter_model.safetensors", "model/config.json",
                  "model/tokenizer.model", "curves.png", "checkpoints/step_000008/trainer_state.pt"):
         assert (out / name).is_file(), name
     # The merged model gives the adapted model's predictions.

@@ -7,6 +7,7 @@ autocast, gradient accumulation, metrics.jsonl, checkpoints written atomically t
     OUT/checkpoints/step_000050/       adapter_config.json + adapter_model.safetensors (LoRA), or the whole model
                                        (full fine-tuning, HF layout, float32); trainer_state.pt; finetune_config.json
     OUT/adapter/                       the final adapters (LoRA)
+    OUT/adapter-peft/                  the same in PEFT's format, for transformers' Mixtral (`mixtral.finetune.peft`)
     OUT/model/                         the final model in the HF layout, adapters merged (float bases), with its
                                        tokenizer: `mixtral chat --model OUT/model`
     OUT/reference_logprobs.safetensors DPO with dpo.reference = "precomputed"
@@ -39,9 +40,10 @@ from mixtral.finetune.config import FinetuneConfig, finetune_config_from_dict
 from mixtral.finetune.data import Example, pack, read_conversations, read_jsonl
 from mixtral.finetune.lora import WEIGHTS_FILE, adapters_off, apply_lora, merge_lora, save_adapters
 from mixtral.finetune.losses import IGNORE, dpo_loss, sequence_logprobs, sft_loss
+from mixtral.finetune.peft import save_peft
 from mixtral.io.checkpoint import SafetensorsReader, TensorPlan, load_checkpoint, save_hf, write_safetensors
 from mixtral.io.files import atomic_directory, write_text
-from mixtral.io.loading import inspect_model, load, resolve_tokenizer
+from mixtral.io.loading import inspect_model, load, resolve_model, resolve_tokenizer
 from mixtral.model import Transformer
 from mixtral.train.checkpoints import (STATE_FILE, check_resumable, checkpoints, latest_checkpoint, rng_state,
                                        set_rng_state)
@@ -493,6 +495,8 @@ def _export(config: FinetuneConfig, model: Transformer, out: Path, tokenizer) ->
     if config.lora.rank > 0:
         with atomic_directory(out / "adapter") as tmp:
             save_adapters(model, tmp)
+        with atomic_directory(out / "adapter-peft") as tmp:  # the same adapters for transformers + PEFT
+            save_peft(model, tmp, base_model_name_or_path=str(resolve_model(config.model.path)))
         if config.model.quantize is not None:
             log.info("adapters in %s (the base is quantized, so no merged model)", out / "adapter")
             return
