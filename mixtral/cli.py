@@ -27,6 +27,7 @@ from mixtral.config import DTYPE_CHOICES, PRESETS
 from mixtral.data.cli import add_data_parser
 from mixtral.finetune.cli import add_finetune_parser
 from mixtral.errors import ContextLengthError, MixtralError
+from mixtral.eval.cli import add_eval_parser
 from mixtral.generate import check_sampling, complete, stream_text
 from mixtral.io.cli import add_convert_parser, add_info_parser, add_quantize_parser, quantize_option
 from mixtral.io.loading import (DEFAULT_MODEL, MIXTRAL_VOCAB, NOTES_LOGGER, OFFLOAD_POLICIES,
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands, parents)
     add_train_parser(commands, parents)
     add_finetune_parser(commands, parents)
+    add_eval_parser(commands, parents)
     add_serve_parser(commands, parents)
     add_data_parser(commands, parents)
     add_routes_parser(commands, parents)

@@ -20,7 +20,7 @@ RANKS = [
     ("mixtral.quant", 4),
     ("mixtral.io", 5), ("mixtral.offload", 5),
     ("mixtral.generate", 6), ("mixtral.data", 6), ("mixtral.analysis", 6),
-    ("mixtral.train", 7), ("mixtral.serve", 7), ("mixtral.finetune", 7),
+    ("mixtral.train", 7), ("mixtral.serve", 7), ("mixtral.finetune", 7), ("mixtral.eval", 7),
     ("mixtral.bench", 8),
     ("mixtral.cli", 9),
 ]

@@ -27,10 +27,11 @@ STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 
-# Keys a resumed run may change: how long it runs and how often it logs, evaluates and saves. Everything else
-# must match the checkpoint's config, or the run it continues would not be the run it claims to be.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "eval.every", "eval.max_windows", "eval.batch_size",
-                     "checkpoint.every", "checkpoint.keep", "out_dir"}
+# Keys a resumed run may change: how long it runs, how often it logs, evaluates and saves, and how many threads it
+# uses (a machine that got busier; sums may then round differently). Everything else must match the checkpoint's
+# config, or the run it continues would not be the run it claims to be.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.threads", "eval.every", "eval.max_windows",
+                     "eval.batch_size", "checkpoint.every", "checkpoint.keep", "out_dir"}
 
 
 def rng_state() -> dict[str, Any]:
