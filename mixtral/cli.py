@@ -30,7 +30,7 @@ from mixtral.errors import ContextLengthError, MixtralError
 from mixtral.eval.cli import add_eval_parser
 from mixtral.generate import check_sampling, complete, stream_text
 from mixtral.io.cli import add_convert_parser, add_info_parser, add_quantize_parser, quantize_option
-from mixtral.io.loading import (DEFAULT_MODEL, MIXTRAL_VOCAB, NOTES_LOGGER, OFFLOAD_POLICIES,
+from mixtral.io.loading import (DEFAULT_INSTRUCT, DEFAULT_MODEL, MIXTRAL_VOCAB, NOTES_LOGGER, OFFLOAD_POLICIES,
                                 load_model_and_tokenizer)
 from mixtral.io.tokenizer import Tokenizer
 from mixtral.model import Transformer
@@ -47,15 +47,23 @@ EXIT_BROKEN_PIPE = 141
 # ---- shared options --------------------------------------------------------------------------------------------
 
 def shared_parents() -> dict[str, argparse.ArgumentParser]:
-    """The parent parsers of the options several commands share, each defined once here: "model" (--model),
+    """The parent parsers of the options several commands share, each defined once here: "model" (--model;
+    "chat_model" the same for the commands whose default depends on --chat),
     "weights" (--tokenizer, --dtype, --quantize: how a model is loaded to run) and "verbose" (-v). Every
     subcommand's parser function takes this dict and uses the ones it needs."""
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument_group("model").add_argument(
-        "--model", "-m", default=DEFAULT_MODEL, metavar="PATH_OR_PRESET",
-        help=f"checkpoint directory (Hugging Face or Mistral-native layout), 'default' (the small Mixtral trained "
-             f"by this project and bundled with it) or a preset name ({', '.join(PRESETS)}; presets have random "
-             f"weights) (default: {DEFAULT_MODEL})")
+    def model_parent(default: str | None, says: str) -> argparse.ArgumentParser:
+        parent = argparse.ArgumentParser(add_help=False)
+        parent.add_argument_group("model").add_argument(
+            "--model", "-m", default=default, metavar="PATH_OR_PRESET",
+            help=f"checkpoint directory (Hugging Face or Mistral-native layout), '{DEFAULT_MODEL}' (the small "
+                 f"Mixtral trained by this project and bundled with it), '{DEFAULT_INSTRUCT}' (the same after "
+                 f"instruction tuning) or a preset name ({', '.join(PRESETS)}; presets have random weights) "
+                 f"(default: {says})")
+        return parent
+
+    model = model_parent(DEFAULT_MODEL, DEFAULT_MODEL)
+    # chat and generate take their own: without --model they pick the bundled model by --chat (`default_model`).
+    chat_model = model_parent(None, f"{DEFAULT_INSTRUCT} for chat and generate --chat, else {DEFAULT_MODEL}")
     weights = argparse.ArgumentParser(add_help=False)
     group = weights.add_argument_group("model")  # merged with --model's group in a parser that takes both
     group.add_argument("--tokenizer", metavar="PATH_OR_PRESET",
@@ -86,7 +94,7 @@ def shared_parents() -> dict[str, argparse.ArgumentParser]:
     verbose = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without -v must not overwrite a `mixtral -v ...` given before it.
     verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
-    return {"model": model, "weights": weights, "verbose": verbose}
+    return {"model": model, "chat_model": chat_model, "weights": weights, "verbose": verbose}
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -114,10 +122,17 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop)
 
 
+def default_model(args: argparse.Namespace) -> str:
+    """--model, or the bundled model that fits the command: the instruct one for chat and generate --chat."""
+    if args.model is not None:
+        return args.model
+    return DEFAULT_INSTRUCT if args.command == "chat" or getattr(args, "chat", False) else DEFAULT_MODEL
+
+
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
     # tqdm's bar goes to stderr; only draw it for a person watching, not into logs.
-    return load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantize=args.quantize,
-                                    progress=sys.stderr.isatty(), max_memory=args.max_memory,
+    return load_model_and_tokenizer(default_model(args), tokenizer=args.tokenizer, dtype=args.dtype,
+                                    quantize=args.quantize, progress=sys.stderr.isatty(), max_memory=args.max_memory,
                                     offload_policy=args.offload_policy, offload_dir=args.offload_dir)
 
 
@@ -279,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
-    p = commands.add_parser("generate", parents=[verbose, model, weights], formatter_class=raw,
+    p = commands.add_parser("generate", parents=[verbose, parents["chat_model"], weights], formatter_class=raw,
                             epilog=GENERATE_EPILOG, help="continue one or more prompts, streaming the text",
                             description="Continue prompts with a model, streaming the text to stdout.")
     p.add_argument("prompt", nargs="*", metavar="PROMPT", help="prompt text; none or '-' reads stdin")
@@ -289,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     p.set_defaults(run=cmd_generate)
 
-    p = commands.add_parser("chat", parents=[verbose, model, weights], formatter_class=raw, epilog=CHAT_EPILOG,
+    p = commands.add_parser("chat", parents=[verbose, parents["chat_model"], weights], formatter_class=raw,
+                            epilog=CHAT_EPILOG,
                             help="talk with an Instruct model, keeping the conversation",
                             description="Interactive chat with an Instruct model, streaming each reply.")
     add_sampling_options(p)

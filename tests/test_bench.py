@@ -7,6 +7,7 @@ ours agreed with transformers before a number was reported. Each benchmark of mi
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 
@@ -29,7 +30,7 @@ FAST = ["--repeats", "2", "--min-seconds", "0", "--bandwidth-gb", "0.05"]
 TINY_E2E = ["bench", "e2e", "--synthetic-config", "tiny", "--dtypes", "bf16", "--prompt-tokens", "4",
             "--new-tokens", "2", "--repeats", "1"]
 BENCHMARKS = ("moe", "e2e", "serve", "load-memory", "quant-accuracy", "train-throughput", "profile", "gemv",
-              "cold-gemv", "amx-experts")
+              "cold-gemv", "amx-experts", "finetune")
 
 
 def test_moe_writes_rows_that_agree_with_transformers(tmp_path, capsys):
@@ -272,3 +273,22 @@ def test_cold_gemv_says_when_the_kernels_do_not_run_here(capsys):
     with kernels.use_policy(kernels.CpuPolicy.for_cpu()):  # a CPU without the C kernels
         assert main(["bench", "cold-gemv", "--repeats", "1"]) == 1
     assert "error: mixtral bench cold-gemv times gemv.c's GEMV kernels, which do not run here" in capsys.readouterr().err
+
+
+def test_finetune_times_ours_and_peft_on_the_same_adapters(tmp_path, capsys, hf_checkpoint):
+    pytest.importorskip("peft")
+    pytest.importorskip("trl")
+    out = tmp_path / "finetune.json"
+    argv = ["bench", "finetune", "--model", str(hf_checkpoint[0]), "--rank", "4", "--batch", "4", "--seq", "16",
+            "--prompt", "4", "--warmup", "1", "--rounds", "1", "--steps", "1", "--qlora-layers", "0", "--no-memory",
+            "--threads", "1", "--json", str(out)]
+    assert main(argv) == 0
+    speed = json.loads(out.read_text())["speed"]
+    assert {(r["task"], r["impl"]) for r in speed} == {(t, i) for t in ("sft", "dpo") for i in ("ours", "peft")}
+    first = {(r["task"], r["impl"]): r["first_loss"] for r in speed}
+    # The same weights, adapters and batch: the same first loss (bf16 autocast on both sides), and DPO's is ln 2
+    # since B = 0 makes the policy the reference.
+    assert first["sft", "ours"] == pytest.approx(first["sft", "peft"], rel=2e-2)
+    assert first["dpo", "ours"] == pytest.approx(math.log(2), abs=1e-6) == first["dpo", "peft"]
+    assert all(r["tokens_per_s"] > 0 and r["trained_params"] > 0 for r in speed)
+    assert {r["trained_params"] for r in speed if r["task"] == "sft"} == {speed[0]["trained_params"]}

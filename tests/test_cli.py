@@ -233,7 +233,7 @@ COMMANDS = {path: sub for path, sub in _commands(build_parser())}
 def test_every_command_is_listed():
     top = {path[0] for path in COMMANDS}
     assert top == {"generate", "chat", "info", "convert", "quantize", "plan", "bench", "train", "serve", "data",
-                   "routes"}
+                   "routes", "finetune", "eval"}
     assert {("routes", a) for a in ("record", "report", "html", "ablate")} <= set(COMMANDS)
     assert ("data", "prepare") in COMMANDS
 
@@ -250,7 +250,8 @@ def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | Non
 
 
 @pytest.mark.parametrize("flag,commands", [
-    ("--model", ["generate", "chat", "info", "serve", "routes record", "routes ablate"]),
+    ("--model", ["info", "serve", "routes record", "routes ablate"]),
+    ("--model", ["generate", "chat"]),  # their own: without --model they pick the bundled model by --chat
     ("--tokenizer", ["generate", "chat", "serve", "routes record", "routes ablate"]),
     ("--dtype", ["generate", "chat", "serve", "routes record", "routes ablate"]),
     ("--quantize", ["generate", "chat", "serve", "routes record", "routes ablate"]),
@@ -262,8 +263,8 @@ def test_shared_options_are_one_definition(flag, commands):
     assert len({id(a) for a in actions.values()}) == 1, f"{flag} is defined more than once"
     if flag == "--dtype":
         assert tuple(actions["generate"].choices) == DTYPE_CHOICES
-    if flag == "--model":
-        assert actions["generate"].default == "default"
+    if flag == "--model":  # None for generate and chat: `default_model` picks by --chat
+        assert next(iter(actions.values())).default == (None if "generate" in actions else "default")
 
 
 def test_routes_runs_in_float32_unless_told(monkeypatch):

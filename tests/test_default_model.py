@@ -42,3 +42,22 @@ def test_generate_without_model_uses_it(capsys):
     want = mixtral.complete(mixtral.load("default", progress=False), load_tokenizer("default"), ["def main():"], 6)[0]
     assert code == 0 and out.strip() == want.strip() and want.strip()
     assert "random weights" not in err
+
+
+def test_the_instruct_model_is_bundled_and_chat_uses_it(capsys, monkeypatch):
+    from mixtral.io.loading import DEFAULT_INSTRUCT, DEFAULT_INSTRUCT_DIR
+
+    names = {p.name for p in DEFAULT_INSTRUCT_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model", "README.md", "results.json"} <= names
+    model, tokenizer = mixtral.load(DEFAULT_INSTRUCT, progress=False), load_tokenizer(DEFAULT_INSTRUCT)
+    question = [{"role": "user", "content": "What is 12 + 30?"}]
+    want = mixtral.complete(model, tokenizer, [tokenizer.encode_chat(question)], 8)[0].strip()
+    assert main(["generate", "--chat", "--temperature", "0", "--max-new-tokens", "8", "What is 12 + 30?"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("What is 12 + 30?\n"))
+    assert main(["chat", "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    # Without --chat, generate keeps the base model.
+    assert main(["generate", "--temperature", "0", "--max-new-tokens", "6", "def main():"]) == 0
+    base = mixtral.complete(mixtral.load("default", progress=False), load_tokenizer("default"), ["def main():"], 6)[0]
+    assert capsys.readouterr().out.strip() == base.strip()

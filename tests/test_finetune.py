@@ -87,7 +87,8 @@ def test_sft_learns_and_writes_adapters_and_a_merged_model(tmp_path, data):
     assert [r["step"] for r in train] == list(range(1, 9))
     assert val[-1]["loss"] < val[0]["loss"] and train[-1]["loss"] < train[0]["loss"]
     assert train[0]["peak_rss_mb"] > 0
-    for name in ("adapter/adapter_config.json", "adapter-peft/adapter_config.json", "adapter/adapter_model.safetensors", "model/config.json",
+    for name in ("adapter/adapter_config.json", "adapter-peft/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "model/config.json",
                  "model/tokenizer.model", "curves.png", "checkpoints/step_000008/trainer_state.pt"):
         assert (out / name).is_file(), name
     # The merged model gives the adapted model's predictions.
@@ -110,6 +111,17 @@ def test_dpo_starts_at_log_2_and_precomputed_reference_equals_adapters_off(tmp_p
     assert (b / "reference_logprobs.safetensors").is_file()
     assert {"loss", "margin", "accuracy"} <= set(records(a, "val")[-1])
     assert records(a)[-1]["margin"] > 0.01 and records(a)[-1]["loss"] < first["loss"]  # it learns the train pairs
+
+
+def test_dpo_sft_weight_adds_the_chosen_replies_nll_to_the_loss(tmp_path, data):
+    config = write_config(tmp_path / "a.toml", data, tmp_path / "x", "dpo")
+    extra = {}
+    for weight in ("0.5", "1.0"):
+        run(config, "dpo", "--train.steps", "1", "--dpo.sft_weight", weight, "--out_dir", str(tmp_path / weight))
+        extra[weight] = records(tmp_path / weight)[0]["loss"] - math.log(2)  # the first step's DPO term is log 2
+    assert extra["0.5"] > 0.1 and extra["1.0"] == pytest.approx(2 * extra["0.5"], rel=1e-5)
+    with pytest.raises(ConfigError, match="dpo.sft_weight"):
+        run(config, "dpo", "--dpo.sft_weight", "-1")
 
 
 def test_full_finetuning_trains_all_but_the_router(tmp_path, data):

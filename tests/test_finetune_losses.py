@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from mixtral.finetune.losses import IGNORE, dpo_loss, sequence_logprobs, sft_loss
@@ -43,3 +44,50 @@ def test_dpo_matches_its_formula_and_gradient():
     # d/d pc of -log sigmoid(z) / n = -beta * sigmoid(-z) / n, and the opposite for pr
     sig = torch.sigmoid(-torch.tensor(logits))
     assert torch.allclose(pc.grad, -0.1 * sig / 2) and torch.allclose(pr.grad, 0.1 * sig / 2)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_dpo_equals_trls_dpo_trainer_on_the_same_logprobs(sft_weight):
+    """TRL's DPOTrainer computes the loss on the same per-token log-probabilities (its model and accelerator stood
+    in for by stubs; precomputed reference log-probabilities): loss, rewards, margin, accuracy and gradients agree,
+    with the SFT term on the chosen replies as TRL's loss_type ["sigmoid", "sft"] weighs it."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    g = torch.Generator().manual_seed(3)
+    pairs, length = 3, 6
+    per_token = (torch.randn(2 * pairs, length - 1, generator=g) - 2).requires_grad_()
+    completion = torch.ones(2 * pairs, length, dtype=torch.long)
+    completion[:, :2] = 0  # the prompt: TRL masks it out of the log-probabilities it is handed, so we do the same
+    learned = completion[:, 1:].bool()
+    ref = torch.randn(2 * pairs, generator=g) - 8
+    model = SimpleNamespace(training=True)
+
+    def forward(**kwargs):
+        zeros = torch.zeros(2 * pairs, length - 1)
+        return SimpleNamespace(log_probs=per_token * learned, entropy=zeros, mean_logits=zeros,
+                               is_top1=zeros.bool())
+
+    identity = lambda t: t  # noqa: E731
+    trainer = SimpleNamespace(
+        model=model, accelerator=SimpleNamespace(device="cpu", gather=identity, gather_for_metrics=identity),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=["sigmoid", "sft"], loss_weights=[1.0, sft_weight], beta=0.1, label_smoothing=0.0, use_weighting=False,
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(2 * pairs, length, dtype=torch.long), "attention_mask": completion * 0 + 1,
+              "completion_mask": completion, "ref_chosen_logps": ref[:pairs], "ref_rejected_logps": ref[pairs:]}
+    theirs = dpo_trainer.DPOTrainer._compute_loss(trainer, forward, inputs, return_outputs=False)
+    (their_grad,) = torch.autograd.grad(theirs, per_token)
+
+    logp = (per_token * learned).sum(-1)
+    ours = dpo_loss(logp[:pairs], logp[pairs:], ref[:pairs], ref[pairs:], beta=0.1, sft_weight=sft_weight,
+                    chosen_tokens=learned[:pairs].sum())
+    (our_grad,) = torch.autograd.grad(ours.loss, per_token)
+    metrics = trainer._metrics["train"]
+    assert torch.allclose(ours.loss, theirs, rtol=1e-6)
+    assert torch.allclose(our_grad, their_grad, rtol=1e-5, atol=1e-8)
+    assert math.isclose(ours.chosen_rewards.mean().item(), metrics["rewards/chosen"][0], rel_tol=1e-5)
+    assert math.isclose(ours.rejected_rewards.mean().item(), metrics["rewards/rejected"][0], rel_tol=1e-5)
+    assert math.isclose(ours.margin.item(), metrics["rewards/margins"][0], rel_tol=1e-5)
+    assert math.isclose(ours.accuracy.item(), metrics["rewards/accuracies"][0])

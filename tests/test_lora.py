@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from mixtral import quant
+from mixtral import kernels, quant
 from mixtral.config import PRESETS
 from mixtral.errors import CheckpointError, InputError
 from mixtral.finetune import lora
@@ -162,3 +162,139 @@ def test_adapters_off_is_the_base_model_for_dpos_reference():
     with lora.adapters_off(tuned):
         assert torch.allclose(tuned(IDS), base(IDS), atol=1e-5)
     assert torch.equal(tuned(IDS), on) and not torch.allclose(on, base(IDS))
+
+
+# ---- the fused paths against the reference ------------------------------------------------------------------------
+
+# Quantized products dequantized in float32 on both sides: the machine's kernels (bf16 inside) are chosen by row
+# count, and the fused path pads each expert's rows, so the two paths would otherwise take different kernels.
+FLOAT32_PRODUCTS = dataclasses.replace(kernels.CpuPolicy.for_cpu(), int8_gemm_rows=0)
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
+def _expert_case(base: str, seed: int = 0):
+    """An MoE layer's ExpertLoRA with trained adapters over a float, int8 or int4 base, and a routing of 11 tokens
+    that leaves expert 3 without any (experts 0-2 only)."""
+    model = _model(seed)
+    if base != "float":
+        model = quant.quantize(model, {"experts": base})
+    torch.manual_seed(seed)
+    _trained(lora.apply_lora(model, lora.LoRAConfig(rank=3, alpha=6, attention=())))
+    moe = model.layers[0].moe
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(11, CONFIG.dim, generator=g)
+    experts = torch.stack([torch.randint(0, 3, (11,), generator=g), torch.full((11,), 3)], 1) % 3
+    experts[:, 1] = (experts[:, 0] + 1) % 3  # two different experts of 0-2 per token
+    gates = torch.softmax(torch.randn(11, 2, generator=g), -1)
+    return moe, x, gates, experts
+
+
+def _expert_run(moe, x, gates, experts, fused: bool, bf16: bool):
+    moe.lora.fused = fused
+    x, gates = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+    for p in moe.lora.parameters():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = moe.lora(x, moe.w13, moe.w2, gates, experts, None)
+    (y.float() * torch.linspace(-1, 1, y.shape[1])).sum().backward()
+    grads = {name: p.grad.clone() for name, p in moe.lora.named_parameters()}
+    return y, {"x": x.grad, "gates": gates.grad, **grads}
+
+
+@pytest.mark.parametrize("base", ["float", "int8", "int4"])
+def test_fused_expert_adapters_match_the_reference_and_their_gradients(base):
+    moe, x, gates, experts = _expert_case(base)
+    with kernels.use_policy(FLOAT32_PRODUCTS):
+        fused = _expert_run(moe, x, gates, experts, fused=True, bf16=False)
+        reference = _expert_run(moe, x, gates, experts, fused=False, bf16=False)
+    assert torch.allclose(fused[0], reference[0], rtol=1e-5, atol=1e-6)
+    for name, want in reference[1].items():
+        assert torch.allclose(fused[1][name], want, rtol=1e-4, atol=1e-6), name
+    # expert 3 got no tokens: zero gradients, present for every adapter
+    assert all(fused[1][n][3].abs().max() == 0 for n in ("a13", "b13", "a2", "b2"))
+    assert fused[1]["b13"][:3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("base", ["float", "int4"])
+def test_fused_expert_adapters_under_bf16_autocast_stay_near_the_reference(base):
+    moe, x, gates, experts = _expert_case(base)
+    fused = _expert_run(moe, x, gates, experts, fused=True, bf16=True)
+    reference = _expert_run(moe, x, gates, experts, fused=False, bf16=True)
+    assert fused[0].dtype == reference[0].dtype
+    assert _relative(fused[0], reference[0]) < 2e-2
+    for name, want in reference[1].items():
+        assert fused[1][name].dtype == want.dtype and _relative(fused[1][name], want) < 5e-2, name
+
+
+@pytest.mark.parametrize("base", ["float", "int8"])
+def test_fused_attention_adapters_match_the_reference(base):
+    model = _model()
+    if base != "float":
+        model = quant.quantize(model, {"attention": base})
+    torch.manual_seed(0)
+    wq = _trained(lora.apply_lora(model, lora.LoRAConfig(rank=3, attention=("wq",), experts=False))).layers[0]
+    wq = wq.attention.wq
+    x = torch.randn(2, 5, CONFIG.dim)
+    results = []
+    with kernels.use_policy(FLOAT32_PRODUCTS):
+        for fused in (True, False):
+            wq.fused = fused
+            xg = x.clone().requires_grad_(True)
+            wq.lora_a.grad = wq.lora_b.grad = None
+            y = wq(xg)
+            (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+            results.append((y, xg.grad, wq.lora_a.grad.clone(), wq.lora_b.grad.clone()))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_model_gradients_equal_the_reference_model_and_reach_the_router():
+    models = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _trained(lora.apply_lora(_model(), lora.LoRAConfig(rank=2, train_router=True)))
+        for m in model.modules():
+            if isinstance(m, (lora.LoRALinear, lora.ExpertLoRA)):
+                m.fused = fused
+        model(IDS).square().mean().backward()
+        models.append(lora.adapter_parameters(model))
+    for name, p in models[1].items():
+        assert torch.allclose(models[0][name].grad, p.grad, rtol=1e-4, atol=1e-7), name
+    assert models[0]["layers.0.moe.router.weight"].grad.abs().sum() > 0
+
+
+def test_dropout_runs_the_reference_path():
+    torch.manual_seed(0)
+    model = _trained(lora.apply_lora(_model(), lora.LoRAConfig(rank=2, dropout=0.5))).train()
+    outs = []
+    for fused in (True, False):
+        for m in model.modules():
+            if isinstance(m, (lora.LoRALinear, lora.ExpertLoRA)):
+                m.fused = fused
+        torch.manual_seed(5)
+        outs.append(model(IDS))
+    assert torch.equal(outs[0], outs[1])  # the same dropout masks: the same path
+    model.eval()
+    assert not torch.allclose(model(IDS), outs[0])  # and dropout acted in training
+
+
+def test_adapters_off_without_gradients_runs_the_base_kernels():
+    base = _model()
+    tuned = _trained(lora.apply_lora(_model(), lora.LoRAConfig(rank=2)))
+    with torch.no_grad(), lora.adapters_off(tuned):
+        assert torch.allclose(tuned(IDS), base(IDS), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_weights_input_gradient_in_row_tiles_equals_the_whole_product(mode, monkeypatch):
+    model = quant.quantize(_model(), {"experts": mode})
+    w = model.layers[0].moe.w13[1]  # expert 1's QuantizedWeight
+    assert isinstance(w, kernels.QuantizedWeight)
+    dy = torch.randn(5, w.out_features, generator=torch.Generator().manual_seed(0))
+    want = dy @ w.dequantize(torch.float32)
+    monkeypatch.setattr(lora, "EXPANSION_ROWS", 7)  # several tiles and a short last one
+    got = lora._times_weight(dy, w, torch.float32)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ a result dict; the parser of the single-part benchmarks shows their module's doc
     mixtral bench moe --tokens 1,16,512        mixtral bench e2e              mixtral bench serve
     mixtral bench load-memory --gb 1.0          mixtral bench quant-accuracy   mixtral bench train-throughput
     mixtral bench profile --model default       mixtral bench gemv             mixtral bench cold-gemv
-    mixtral bench amx-experts --mode int4
+    mixtral bench amx-experts --mode int4        mixtral bench finetune
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from mixtral import kernels, quant
-from mixtral.bench import (amx_experts, cold_gemv, e2e, gemv, load_memory, moe, offload, profile_step, quant_accuracy,
-                           serve, train_throughput)
+from mixtral.bench import (amx_experts, cold_gemv, e2e, finetune, gemv, load_memory, moe, offload, profile_step,
+                           quant_accuracy, serve, train_throughput)
 from mixtral.bench.harness import (at_least, default_threads, parse_dtypes, parse_list, print_provenance,
                                    provenance, report, transformers_version)
 from mixtral.config import DTYPE_CHOICES, PRESETS
@@ -182,6 +182,28 @@ def run_train_throughput(args: argparse.Namespace) -> int:
     result = train_throughput.run(config, impls=impls, dtypes=dtypes, batch=args.batch, seq=args.seq,
                                   warmup=args.warmup, rounds=args.rounds, steps=args.steps, seed=args.seed)
     return _finish(result, args.json)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    impls = parse_list(args.impls, str, "--impls", finetune.IMPLS)
+    tasks = parse_list(args.tasks, str, "--tasks", finetune.TASKS)
+    for option in ("--rank", "--batch", "--seq", "--rounds", "--steps", "--qlora-batch"):
+        at_least(option, getattr(args, option[2:].replace("-", "_")))
+    at_least("--warmup", args.warmup, 1, "the first step's loss is the check")
+    if not 0 < args.prompt < args.seq:
+        raise InputError(f"--prompt must be between 1 and --seq - 1 ({args.seq - 1}), got {args.prompt}")
+    if "peft" in impls:
+        _require_transformers()
+        if importlib.util.find_spec("peft") is None or importlib.util.find_spec("trl") is None:
+            raise InputError("mixtral bench finetune times ours against PEFT and TRL, which are not installed; "
+                             "install the test extra: pip install -e '.[test]' (or pass --impls ours)")
+    _threads(args)
+    info = _start(args)
+    result = finetune.run(model=args.model, impls=impls, tasks=tasks, rank=args.rank, alpha=args.alpha,
+                          experts=not args.no_experts, batch=args.batch, seq=args.seq, prompt=args.prompt,
+                          warmup=args.warmup, rounds=args.rounds, steps=args.steps, memory=not args.no_memory,
+                          qlora_layers=args.qlora_layers, qlora_batch=args.qlora_batch, seed=args.seed)
+    return _finish({**info, **result}, args.json)
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -379,6 +401,28 @@ def add_part_benchmarks(add, threads: int) -> None:
     q.add_argument("--threads", type=int, default=threads, help=f"torch threads (default: {threads})")
     q.add_argument("--seed", type=int, default=0, help="(default: 0)")
     q.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file (atomically)")
+
+    q = add("finetune", run_finetune, "a LoRA SFT and DPO step: ours vs transformers + PEFT; QLoRA memory",
+            finetune)
+    q.add_argument("--model", default="default", metavar="PATH_OR_PRESET",
+                   help="HF-layout checkpoint both sides load (default: default, the bundled 42.7M model)")
+    q.add_argument("--impls", default="ours,peft", help="comma-separated: ours, peft (default: both)")
+    q.add_argument("--tasks", default="sft,dpo", help="comma-separated: sft, dpo (default: both)")
+    q.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    q.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (default: 32)")
+    q.add_argument("--no-experts", action="store_true", help="adapters on attention only, both sides")
+    for option, default, text in (("--batch", 8, "rows (DPO: half as many pairs)"), ("--seq", 256, "tokens a row"),
+                                  ("--prompt", 64, "DPO prompt tokens, not learned"),
+                                  ("--warmup", 2, "untimed steps per implementation and task"),
+                                  ("--rounds", 3, "rounds of alternating timed steps"),
+                                  ("--steps", 2, "timed steps per implementation per round"),
+                                  ("--qlora-layers", 2, "layers of the Mixtral-8x7B-shaped QLoRA slice; 0 skips it"),
+                                  ("--qlora-batch", 2, "rows of the QLoRA step")):
+        q.add_argument(option, type=int, default=default, help=f"{text} (default: {default})")
+    q.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    q.add_argument("--threads", type=int, default=threads, help=f"torch threads (default: {threads})")
+    q.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    q.add_argument("--json", metavar="PATH", help="also write the results to this JSON file (atomically)")
 
     here = torch.get_num_threads()
     q = add("profile", run_profile, "where a decode step and a prefill spend their time", profile_step,

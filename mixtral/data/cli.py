@@ -1,11 +1,11 @@
-"""`mixtral data prepare` and `mixtral data math`: registered on the `mixtral` command by `add_data_parser`; the
-work is `mixtral.data.prepare.prepare` and `mixtral.data.mathgen`."""
+"""`mixtral data prepare`, `mixtral data math` and `mixtral data tasks`: registered on the `mixtral` command by
+`add_data_parser`; the work is `mixtral.data.prepare.prepare`, `mixtral.data.mathgen` and `mixtral.data.tasks`."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mixtral.data import mathgen
+from mixtral.data import mathgen, tasks
 from mixtral.data.prepare import DEFAULT_TEXT_FIELD, DEFAULT_VAL_FRACTION, Source, format_summary, prepare
 
 PREPARE_EPILOG = """\
@@ -55,6 +55,17 @@ def add_data_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> 
     m.add_argument("--problems", type=int, default=20, help="problems per document (default: 20)")
     m.add_argument("--jsonl", metavar="PATH", help="write JSONL to PATH instead of printing text")
     m.set_defaults(run=cmd_math)
+    t = commands.add_parser("tasks", formatter_class=raw, help="instruction-tuning data: SFT, DPO and eval JSONL",
+                            description=tasks.__doc__)
+    t.add_argument("--out", "-o", required=True, metavar="DIR", help="directory to write the files to")
+    t.add_argument("--seed", type=int, default=0, help="seed of the draws (the split is by content) (default: 0)")
+    for name, default in (("sft-train", 40000), ("sft-val", 500), ("dpo-train", 8000), ("dpo-val", 400),
+                          ("eval-val", 1000)):
+        t.add_argument(f"--{name}", type=int, default=default, metavar="N",
+                       help=f"records in {name.replace('-', '_')}.jsonl (default: {default})")
+    t.add_argument("--man-dir", default="/usr/share/man", metavar="DIR",
+                   help="man pages for the command and function tasks (default: /usr/share/man)")
+    t.set_defaults(run=cmd_tasks)
     return p
 
 
@@ -76,4 +87,14 @@ def cmd_math(args: argparse.Namespace) -> int:
         return 0
     for i, text in zip(range(args.documents), mathgen.documents(args.seed, args.problems)):
         sys.stdout.write(("\n" if i else "") + text)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    manifest = tasks.build(args.out, args.seed, sft_train=args.sft_train, sft_val=args.sft_val,
+                           dpo_train=args.dpo_train, dpo_val=args.dpo_val, eval_val=args.eval_val,
+                           man_dir=args.man_dir)
+    for name, counts in manifest["counts"].items():
+        print(f"{name}: {sum(counts.values())} ({', '.join(f'{t} {n}' for t, n in counts.items())})")
+    print(f"wrote {args.out}")
     return 0

@@ -77,6 +77,8 @@ class DPOSection:
     # second copy); "precomputed": the starting model's log-probabilities of every pair, computed once (the only
     # way with full fine-tuning) and kept in OUT/reference_logprobs.safetensors.
     reference: str = "adapters-off"
+    # Weight of an SFT term on the chosen replies (their mean token NLL) added to the DPO loss; 0 is plain DPO.
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -125,6 +127,7 @@ def check(config: FinetuneConfig, source: str = "config") -> None:
         need(r.z_loss_coef > 0, "router.z_loss_coef", "must be positive when the router trains")
     need(r.aux_loss_mode in ("per-layer", "pooled"), "router.aux_loss_mode", "must be \"per-layer\" or \"pooled\"")
     need(config.dpo.beta > 0, "dpo.beta", "must be positive")
+    need(config.dpo.sft_weight >= 0, "dpo.sft_weight", "must not be negative")
     need(config.dpo.reference in REFERENCES, "dpo.reference", f"must be one of {', '.join(REFERENCES)}")
     o, t = config.optim, config.train
     need(o.lr > 0, "optim.lr", "must be positive")

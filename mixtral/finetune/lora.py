@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from mixtral.io.checkpoint import SafetensorsReader, TensorPlan, write_safetenso
 from mixtral.io.files import write_json
 from mixtral.kernels import QuantizedWeight
 from mixtral.model import Transformer
-from mixtral.moe import MoE, sort_by_expert
+from mixtral.moe import ROW_BUCKET, Assignments, MoE, _compute_dtype, _slices, moe_grouped, sort_by_expert
 from mixtral.quant import Quantized
 
 ATTENTION = ("wq", "wk", "wv", "wo")
@@ -42,6 +43,8 @@ FORMAT = "mixtral-lora"
 VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+
+log = logging.getLogger("mixtral")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +84,7 @@ class FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        w = ctx.w
-        dense = w.dequantize(dy.dtype) if isinstance(w, QuantizedWeight) else w.to(dy.dtype)
-        return dy @ dense, None
+        return _times_weight(dy, ctx.w, dy.dtype), None
 
 
 def _init_a(a: torch.Tensor) -> None:
@@ -98,7 +99,11 @@ def _weight_of(module: nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """base(x) + scale · B A x for a bias-free `base` (mixtral.model.Linear or quant.QuantizedLinear), frozen."""
+    """base(x) + scale · B A x for a bias-free `base` (mixtral.model.Linear or quant.QuantizedLinear), frozen.
+
+    In training the product runs as one `LoRAProduct` (x cast to the compute dtype once, the low-rank term added
+    into the base product in place, a hand-written backward); `fused = False`, or dropout in training, runs the
+    reference: autograd through FrozenLinear and the two low-rank matmuls."""
 
     def __init__(self, base: nn.Module, config: LoRAConfig):
         super().__init__()
@@ -109,19 +114,65 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, config.rank, device=device))
         _init_a(self.lora_a)
         self.dropout = nn.Dropout(config.dropout)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled():
-            base = FrozenLinear.apply(flat, _weight_of(self.base))
+        if not torch.is_grad_enabled():
+            y = self.base(flat)  # the inference kernels (GEMV while decoding)
+            if self.scale:
+                y = y + self.scale * ((flat @ self.lora_a.to(flat.dtype).t()) @ self.lora_b.to(flat.dtype).t())
+        elif self.fused and not (self.training and self.dropout.p > 0):
+            dtype = _compute_dtype(flat)
+            with torch.autocast(flat.device.type, enabled=False):
+                y = LoRAProduct.apply(flat.to(dtype), self.lora_a, self.lora_b, _weight_of(self.base), self.scale)
         else:
-            base = self.base(flat)  # the inference kernels (GEMV while decoding)
+            y = self._reference(flat)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _reference(self, flat: torch.Tensor) -> torch.Tensor:
+        base = FrozenLinear.apply(flat, _weight_of(self.base))
         low = (self.dropout(flat) @ self.lora_a.to(flat.dtype).t()) @ self.lora_b.to(flat.dtype).t()
-        return (base + self.scale * low).view(*x.shape[:-1], self.out_features)
+        return base + self.scale * low
+
+
+class LoRAProduct(torch.autograd.Function):
+    """x · wᵀ + scale · (x · Aᵀ) · Bᵀ for a frozen w (tensor or QuantizedWeight), in x's dtype, with gradients for
+    x, A and B. Saves x and u = x · Aᵀ [rows, rank], not w: the backward multiplies by w again (a quantized one
+    expanded again), as FrozenLinear does. Autograd's graph of the same sum casts x twice and runs seven ops more
+    per projection; on a loaded 2-core machine every op costs a thread barrier (measured ~7 ms each)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w, scale: float) -> torch.Tensor:
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)
+        u = x @ a_c.t()  # [rows, rank]
+        y = _frozen_product(x, w)
+        if scale:
+            y.addmm_(u, b_c.t(), alpha=scale)
+        ctx.save_for_backward(x, u, a_c, b_c)
+        ctx.w, ctx.scale, ctx.dtypes = w, scale, (a.dtype, b.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, u, a_c, b_c = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        du = (dy @ b_c).mul_(ctx.scale)  # [rows, rank]
+        db = (dy.t() @ u).mul_(ctx.scale).to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
+        da = (du.t() @ x).to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _times_weight(dy, ctx.w, x.dtype)
+            dx.addmm_(du, a_c)
+        return dx, da, db, None, None
 
 
 class ExpertLoRA(nn.Module):
-    """Adapters of every expert of one MoE layer, and the layer's experts run with them (the MoE's `lora`)."""
+    """Adapters of every expert of one MoE layer, and the layer's experts run with them (the MoE's `lora`).
+
+    In training all experts run in one `ExpertLoRASwiGLU` on the expert-sorted rows; `fused = False`, or dropout
+    in training (which the fused function does not implement), runs `_reference`: a loop of per-expert autograd
+    ops, the oracle of the fused path."""
 
     def __init__(self, moe: MoE, config: LoRAConfig):
         super().__init__()
@@ -135,10 +186,30 @@ class ExpertLoRA(nn.Module):
         _init_a(self.a13)
         _init_a(self.a2)
         self.dropout = nn.Dropout(config.dropout)
+        self.fused = True
 
     def forward(self, x: torch.Tensor, w13, w2, weights: torch.Tensor, experts: torch.Tensor,
                 kept: torch.Tensor | None) -> torch.Tensor:
         """What `moe_grouped` computes, each expert's w13 and w2 with its adapter added. x [tokens, dim]."""
+        if not torch.is_grad_enabled() and self.scale == 0:
+            return moe_grouped(x, w13, w2, weights, experts, kept)  # adapters off: the base's inference kernels
+        if not self.fused or (self.training and self.dropout.p > 0 and torch.is_grad_enabled()):
+            if self.fused:
+                _log_reference_once("LoRA dropout in training: the expert adapters run the reference path")
+            return self._reference(x, w13, w2, weights, experts, kept)
+        a = sort_by_expert(weights, experts, len(self.a13), kept)
+        dtype = _compute_dtype(x)
+        source, rows, padded = _padded_rows(a, len(x))
+        x_ext = torch.cat([x.to(dtype), x.new_zeros(1, x.shape[1], dtype=dtype)])  # row len(x): padding's zeros
+        with torch.autocast(x.device.type, enabled=False):
+            ys = ExpertLoRASwiGLU.apply(x_ext[source], self.a13, self.b13, self.a2, self.b2, w13, w2, self.scale,
+                                        padded)[rows]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        out.index_add_(0, a.token_of, ys.float() * a.gates[:, None])  # the gates' gradient reaches the router
+        return out.to(x.dtype)
+
+    def _reference(self, x: torch.Tensor, w13, w2, weights: torch.Tensor, experts: torch.Tensor,
+                   kept: torch.Tensor | None) -> torch.Tensor:
         a = sort_by_expert(weights, experts, len(self.a13), kept)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         dtype = x.dtype
@@ -157,6 +228,138 @@ class ExpertLoRA(nn.Module):
     def _product(self, xs: torch.Tensor, w, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         base = FrozenLinear.apply(xs, w) if torch.is_grad_enabled() else _frozen_product(xs, w)
         return base + self.scale * ((self.dropout(xs) @ a.to(xs.dtype).t()) @ b.to(xs.dtype).t())
+
+
+class ExpertLoRASwiGLU(torch.autograd.Function):
+    """Every expert's SwiGLU with its adapters on its contiguous slice of expert-sorted rows (`counts` per expert),
+    as `moe.GroupedSwiGLU` runs the plain experts, with a hand-written backward. For expert e, rows x [n, dim]:
+
+        u13 = x · A13ᵀ                h = x · W13ᵀ + s · u13 · B13ᵀ    [n, 2·hidden]: gate, up
+        act = silu(gate) · up          u2 = act · A2ᵀ                   y = act · W2ᵀ + s · u2 · B2ᵀ   [n, dim]
+
+    Saves x, h, silu(gate), act, u13 and u2 (the rank-wide products: [n, rank]); not the frozen weights, which the
+    backward reads again (a float stack cast to the compute dtype one expert at a time, a quantized one expanded
+    again as FrozenLinear does). Gradients for x and the four adapter stacks, zero for an expert without rows (so
+    every adapter has a gradient every step, as data-parallel training needs: every rank must hand in every
+    gradient to the all-reduce). Computes in xs's dtype; gradients come back in the adapters' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, a13: torch.Tensor, b13: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                w13, w2, scale: float, counts: list[int]) -> torch.Tensor:
+        dtype = xs.dtype
+        rank, hidden = a2.shape[1], a2.shape[2]
+        a13_c, b13_c, a2_c, b2_c = (t.to(dtype) for t in (a13, b13, a2, b2))
+        hs = xs.new_empty(len(xs), 2 * hidden)  # gate and up pre-activations
+        act = xs.new_empty(len(xs), 2 * hidden)  # silu(gate), then silu(gate) * up
+        u13, u2 = xs.new_empty(len(xs), rank), xs.new_empty(len(xs), rank)
+        ys = xs.new_empty(len(xs), b2.shape[1])
+        for e, s in _slices(counts):
+            x = xs[s]
+            torch.mm(x, a13_c[e].t(), out=u13[s])
+            _base_product(x, w13, e, out=hs[s])
+            hs[s].addmm_(u13[s], b13_c[e].t(), alpha=scale)
+            silu, a = act[s, :hidden], act[s, hidden:]
+            torch.ops.aten.silu.out(hs[s, :hidden], out=silu)
+            torch.mul(silu, hs[s, hidden:], out=a)
+            torch.mm(a, a2_c[e].t(), out=u2[s])
+            _base_product(a, w2, e, out=ys[s])
+            ys[s].addmm_(u2[s], b2_c[e].t(), alpha=scale)
+        ctx.save_for_backward(xs, hs, act, u13, u2, a13_c, b13_c, a2_c, b2_c)
+        ctx.w13, ctx.w2, ctx.scale, ctx.counts = w13, w2, scale, counts
+        ctx.dtypes = tuple(t.dtype for t in (a13, b13, a2, b2))
+        return ys
+
+    @staticmethod
+    def backward(ctx, dys: torch.Tensor):
+        xs, hs, act, u13, u2, a13_c, b13_c, a2_c, b2_c = ctx.saved_tensors
+        dtype, hidden, scale = xs.dtype, a2_c.shape[2], ctx.scale
+        dys = dys.to(dtype)
+        need_x = ctx.needs_input_grad[0]
+        grads = [torch.zeros_like(t) for t in (a13_c, b13_c, a2_c, b2_c)]  # zeros stay for experts without rows
+        da13, db13, da2, db2 = grads
+        dxs = torch.empty_like(xs) if need_x else None
+        dh = torch.empty_like(hs)  # d gate, d up
+        du13, du2 = torch.empty_like(u13), torch.empty_like(u2)
+        b13_s, b2_s = b13_c * scale, b2_c * scale  # the low-rank products' gradients all carry the scale
+        for e, s in _slices(ctx.counts):
+            gate, up = hs[s, :hidden], hs[s, hidden:]
+            silu, a = act[s, :hidden], act[s, hidden:]
+            dy = dys[s]
+            torch.mm(dy.t(), u2[s], out=db2[e])
+            torch.mm(dy, b2_s[e], out=du2[s])
+            torch.mm(du2[s].t(), a, out=da2[e])
+            da = _times_weight(dy, ctx.w2[e], dtype)  # [rows, hidden]
+            da.addmm_(du2[s], a2_c[e])
+            torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[s, :hidden])
+            torch.mul(da, silu, out=dh[s, hidden:])
+            torch.mm(dh[s].t(), u13[s], out=db13[e])
+            torch.mm(dh[s], b13_s[e], out=du13[s])
+            torch.mm(du13[s].t(), xs[s], out=da13[e])
+            if need_x:
+                dxs[s] = _times_weight(dh[s], ctx.w13[e], dtype)
+                dxs[s].addmm_(du13[s], a13_c[e])
+        db13.mul_(scale)
+        db2.mul_(scale)
+        da13, db13, da2, db2 = (g.to(d) for g, d in zip(grads, ctx.dtypes))
+        return dxs, da13, db13, da2, db2, None, None, None, None
+
+
+def _base_product(x: torch.Tensor, w, e: int, out: torch.Tensor) -> None:
+    """out = x · w[e]ᵀ for expert e of a float stack or of `QuantizedExperts` (its inference kernels)."""
+    if isinstance(w, torch.Tensor):
+        torch.mm(x, w[e].to(x.dtype).t(), out=out)
+    else:
+        out.copy_(w[e].linear(x))
+
+
+# Output rows of a quantized weight expanded at a time in the backward pass: 2048 rows of 4096 inputs are 16 MB in
+# bf16, where the whole of an 8x7B expert's w13 would be 235 MB (and more while it is unpacked).
+EXPANSION_ROWS = 2048
+
+
+def _times_weight(dy: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
+    """dy [n, out] · w [out, in] in `dtype`: the input's gradient of a frozen product. A quantized w is expanded
+    EXPANSION_ROWS output rows at a time, the partial products summed in float32, so the backward pass never holds
+    a whole expanded matrix."""
+    if not isinstance(w, QuantizedWeight) or w.out_features <= EXPANSION_ROWS:
+        return dy.to(dtype) @ _dense(w, dtype)
+    dx = torch.zeros(len(dy), w.in_features, dtype=torch.float32, device=dy.device)
+    for start in range(0, w.out_features, EXPANSION_ROWS):
+        rows = slice(start, min(start + EXPANSION_ROWS, w.out_features))
+        part = dataclasses.replace(w, qweight=w.qweight[rows], scales=w.scales[rows],
+                                   zeros=None if w.zeros is None else w.zeros[rows],
+                                   bias=None if w.bias is None else w.bias[:, rows], out_features=rows.stop - start)
+        dx += dy[:, rows].to(dtype) @ part.dequantize(dtype)
+    return dx.to(dtype)
+
+
+def _dense(w, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen weight as a float matrix in `dtype`: a tensor cast, a QuantizedWeight expanded."""
+    return w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
+
+
+def _padded_rows(a: Assignments, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each expert's rows padded by zero rows to a multiple of ROW_BUCKET, as the grouped dispatch pads them (oneDNN
+    compiles a kernel per new matrix shape): (source [padded rows], the token of each padded row, n_tokens for a
+    padding row; rows [assignments], where each assignment sits among the padded rows; padded counts)."""
+    device = a.token_of.device
+    padded = [-(-c // ROW_BUCKET) * ROW_BUCKET for c in a.counts]
+    counts_t, padded_t = torch.tensor(a.counts, device=device), torch.tensor(padded, device=device)
+    shift = (padded_t.cumsum(0) - padded_t) - (counts_t.cumsum(0) - counts_t)  # how far each expert's start moves
+    rows = torch.arange(len(a.token_of), device=device) + shift[a.experts]
+    source = torch.full((sum(padded),), n_tokens, device=device)
+    source[rows] = a.token_of
+    return source, rows, padded
+
+
+_logged: set[str] = set()
+
+
+def _log_reference_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info(message)
 
 
 def _frozen_product(x: torch.Tensor, w) -> torch.Tensor:

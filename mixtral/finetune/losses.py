@@ -9,6 +9,11 @@ frozen reference π_ref,
     r_rejected = β (log π(rejected) - log π_ref(rejected))
     loss       = -log σ(r_chosen - r_rejected)
 with metrics the reward margin r_chosen - r_rejected and the preference accuracy (margin > 0).
+
+DPO only asks that the chosen reply gain on the rejected one, so both may lose probability together; when they share
+their start (a number and the same number off by one), what falls is often what they have in common, the end of the
+reply, and greedy replies stop ending. An SFT term on the chosen replies, `sft_weight` times their mean token
+negative log-likelihood (RPO, Pang et al. 2024; TRL's `loss_type=["sigmoid", "sft"]`), keeps them likely.
 """
 from __future__ import annotations
 
@@ -55,10 +60,16 @@ class DPO(NamedTuple):
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float = 0.1) -> DPO:
+             reference_rejected: torch.Tensor, beta: float = 0.1, sft_weight: float = 0.0,
+             chosen_tokens: int | torch.Tensor | None = None) -> DPO:
     """The sigmoid DPO loss of the module docstring from summed log-probabilities [pairs] of each reply under the
-    policy and the reference (the reference's carry no gradient)."""
+    policy and the reference (the reference's carry no gradient), plus `sft_weight` times the chosen replies' mean
+    token NLL, -sum(policy_chosen) / chosen_tokens (their learned tokens in all)."""
     chosen = beta * (policy_chosen - reference_chosen.detach())
     rejected = beta * (policy_rejected - reference_rejected.detach())
     loss = -F.logsigmoid(chosen - rejected).mean()
+    if sft_weight:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: sft_weight needs chosen_tokens, the chosen replies' learned tokens")
+        loss = loss + sft_weight * -policy_chosen.sum() / chosen_tokens
     return DPO(loss, chosen.detach(), rejected.detach())

@@ -348,7 +348,9 @@ def _step_loss(config: FinetuneConfig, mode: str, model: Transformer, items: lis
     else:
         chosen, rejected, routing, rows = pair_logprobs(model, [items[i] for i in picks])
         ref_chosen, ref_rejected = _reference_logprobs(config, model, items, picks, reference, split)
-        result = dpo_loss(chosen, rejected, ref_chosen.to(device), ref_rejected.to(device), config.dpo.beta)
+        chosen_tokens = (rows.targets[:len(picks)] != IGNORE).sum()
+        result = dpo_loss(chosen, rejected, ref_chosen.to(device), ref_rejected.to(device), config.dpo.beta,
+                          config.dpo.sft_weight, chosen_tokens)
         loss = result.loss
         parts = {"loss": loss.item(), "margin": result.margin.item(), "accuracy": result.accuracy.item(),
                  "chosen_reward": result.chosen_rewards.mean().item(),

@@ -39,6 +39,10 @@ notes = logging.getLogger(NOTES_LOGGER)
 # the model card). The name "default" means this directory wherever a model path or preset is taken.
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+# The default model after instruction tuning (SFT, then DPO): what `mixtral chat` and `generate --chat` run.
+DEFAULT_INSTRUCT = "default-instruct"
+DEFAULT_INSTRUCT_DIR = DEFAULT_MODEL_DIR.parent / DEFAULT_INSTRUCT
+BUNDLED = {DEFAULT_MODEL: DEFAULT_MODEL_DIR, DEFAULT_INSTRUCT: DEFAULT_INSTRUCT_DIR}
 
 # The vocabulary of the Mixtral 8x7B / Mistral 7B tokenizer that mistral-common ships.
 MIXTRAL_VOCAB = 32000
@@ -50,13 +54,14 @@ def is_preset(name: str | os.PathLike) -> bool:
 
 
 def resolve_model(path_or_preset: str | os.PathLike) -> str | os.PathLike:
-    """"default" (unless a directory of that name exists here) -> the bundled model's directory; else unchanged.
-    Raises CheckpointError when the bundled model is missing from this installation."""
-    if str(path_or_preset) == DEFAULT_MODEL and not Path(DEFAULT_MODEL).exists():
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise CheckpointError(f"the bundled default model is missing ({DEFAULT_MODEL_DIR}); reinstall mixtral "
-                                  f"or pass a checkpoint directory or a preset")
-        return DEFAULT_MODEL_DIR
+    """"default" or "default-instruct" (unless a directory of that name exists here) -> the bundled model's
+    directory; else unchanged. Raises CheckpointError when the bundled model is missing from this installation."""
+    directory = BUNDLED.get(str(path_or_preset))
+    if directory is not None and not Path(path_or_preset).exists():
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"the bundled model {str(path_or_preset)!r} is missing ({directory}); reinstall "
+                                  f"mixtral or pass a checkpoint directory or a preset")
+        return directory
     return path_or_preset
 
 

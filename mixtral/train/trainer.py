@@ -124,7 +124,8 @@ def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, aux
     """(loss, parts, routing) of one batch: next-token cross-entropy plus the router's auxiliary losses.
 
     The auxiliary losses are on whenever the model has a router and their coefficient is not zero: the
-    caller cannot forget to ask for router logits (a trainer that must ask for them trains without them by mistake). parts: {"ce", "lb", "z"} as tensors (lb/z None when off).
+    caller cannot forget to ask for router logits (a trainer that must ask for them trains without them by
+    mistake). parts: {"ce", "lb", "z"} as tensors (lb/z None when off).
     """
     h, routing = model.trunk(inputs)
     ce = cross_entropy(model.norm(h), model.output.weight, targets)
@@ -270,7 +271,8 @@ def _train(config: TrainConfig, train_data: Shards | None, val_data: Shards | No
     log.info("model: %.1fM parameters (%.1fM active), %s", total / 1e6, active / 1e6,
              "dense" if not model_config.is_moe else
              f"{model_config.n_experts} experts, top-{model_config.top_k}, router "
-             f"{'trains' if r.train else 'frozen'}, load balancing {r.aux_loss_coef} ({r.aux_loss_mode}), z-loss {r.z_loss_coef}, "
+             f"{'trains' if r.train else 'frozen'}, load balancing {r.aux_loss_coef} ({r.aux_loss_mode}), "
+             f"z-loss {r.z_loss_coef}, "
              f"jitter {r.jitter}, {f'capacity factor {r.capacity_factor}' if r.capacity_factor else 'dropless'}")
     if step >= config.train.steps:
         log.info("%s is already at step %d of %d; nothing to do", out, step, config.train.steps)
