@@ -298,3 +298,11 @@ def test_a_quantized_weights_input_gradient_in_row_tiles_equals_the_whole_produc
     monkeypatch.setattr(lora, "EXPANSION_ROWS", 7)  # several tiles and a short last one
     got = lora._times_weight(dy, w, torch.float32)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_remove_adapters_gives_the_base_model_back():
+    base = _model()
+    tuned = _trained(lora.apply_lora(_model(), lora.LoRAConfig(rank=2)))
+    assert not torch.allclose(tuned(IDS), base(IDS))
+    lora.remove_adapters(tuned)
+    assert torch.allclose(tuned(IDS), base(IDS), atol=1e-6) and not lora.adapter_parameters(tuned)

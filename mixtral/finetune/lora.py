@@ -500,7 +500,7 @@ def load_adapters(model: Transformer, directory: str | os.PathLike) -> Transform
     try:
         reader = SafetensorsReader(path)
     except (OSError, CheckpointError) as e:
-        _strip(model)
+        remove_adapters(model)
         raise CheckpointError(f"{path}: cannot read LoRA adapters: {e}") from e
     try:
         names = set(reader.keys())
@@ -514,15 +514,16 @@ def load_adapters(model: Transformer, directory: str | os.PathLike) -> Transform
             for name, p in expected.items():
                 p.copy_(reader.read(name))
     except BaseException:
-        _strip(model)
+        remove_adapters(model)
         raise
     finally:
         reader.close()
     return model
 
 
-def _strip(model: Transformer) -> None:
-    """Remove adapters without merging them (after a failed load)."""
+def remove_adapters(model: Transformer) -> None:
+    """Drop every adapter without merging it (after a failed load, or to get the base model back): the model runs
+    its base weights again; they stay frozen as apply_lora left them."""
     config = model.lora_config
     for layer in model.layers:
         for name in config.attention:

@@ -255,7 +255,7 @@ def load_peft(model: Transformer, directory: str | os.PathLike) -> Transformer:
     try:
         _fill(model, layout, tensors, weights_path)
     except BaseException:
-        lora._strip(model)
+        lora.remove_adapters(model)
         raise
     return model
 
