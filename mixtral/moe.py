@@ -165,10 +165,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 ROW_BUCKET = 64
 
 
-def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, sorted_experts: torch.Tensor,
-                           token_of: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`GroupedSwiGLU` on x[token_of] (rows sorted by expert, `counts` per expert), in autocast's dtype, with each
-    expert's rows padded by zero rows to a multiple of ROW_BUCKET. Returns [len(token_of), dim]."""
+def pad_by_expert(x: torch.Tensor, sorted_experts: torch.Tensor, token_of: torch.Tensor,
+                  counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """x[token_of] (rows sorted by expert, `counts` per expert) in autocast's dtype, each expert's rows padded by
+    zero rows to a multiple of ROW_BUCKET: (the padded rows, where each assignment sits among them, padded counts)."""
     dtype = _compute_dtype(x)
     device = x.device
     padded = [-(-c // ROW_BUCKET) * ROW_BUCKET for c in counts]
@@ -179,8 +179,16 @@ def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     source = torch.full((sum(padded),), len(x), device=device)  # row len(x) of x_ext is zeros
     source[rows] = token_of
     x_ext = torch.cat([x.to(dtype), x.new_zeros(1, x.shape[1], dtype=dtype)])
-    with torch.autocast(device.type, enabled=False):
-        return GroupedSwiGLU.apply(x_ext[source], w13.to(dtype), w2.to(dtype), padded)[rows]
+    return x_ext[source], rows, padded
+
+
+def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, sorted_experts: torch.Tensor,
+                           token_of: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`GroupedSwiGLU` on x[token_of] (rows sorted by expert, `counts` per expert), in autocast's dtype, with each
+    expert's rows padded as `pad_by_expert` pads them. Returns [len(token_of), dim]."""
+    xs, rows, padded = pad_by_expert(x, sorted_experts, token_of, counts)
+    with torch.autocast(x.device.type, enabled=False):
+        return GroupedSwiGLU.apply(xs, w13.to(xs.dtype), w2.to(xs.dtype), padded)[rows]
 
 
 class Assignments(NamedTuple):

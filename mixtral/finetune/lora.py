@@ -35,7 +35,7 @@ from mixtral.io.checkpoint import SafetensorsReader, TensorPlan, write_safetenso
 from mixtral.io.files import write_json
 from mixtral.kernels import QuantizedWeight
 from mixtral.model import Transformer
-from mixtral.moe import ROW_BUCKET, Assignments, MoE, _compute_dtype, _slices, moe_grouped, sort_by_expert
+from mixtral.moe import MoE, _compute_dtype, _slices, moe_grouped, pad_by_expert, sort_by_expert
 from mixtral.quant import Quantized
 
 ATTENTION = ("wq", "wk", "wv", "wo")
@@ -198,12 +198,9 @@ class ExpertLoRA(nn.Module):
                 _log_reference_once("LoRA dropout in training: the expert adapters run the reference path")
             return self._reference(x, w13, w2, weights, experts, kept)
         a = sort_by_expert(weights, experts, len(self.a13), kept)
-        dtype = _compute_dtype(x)
-        source, rows, padded = _padded_rows(a, len(x))
-        x_ext = torch.cat([x.to(dtype), x.new_zeros(1, x.shape[1], dtype=dtype)])  # row len(x): padding's zeros
+        xs, rows, padded = pad_by_expert(x, a.experts, a.token_of, a.counts)  # as the grouped dispatch pads them
         with torch.autocast(x.device.type, enabled=False):
-            ys = ExpertLoRASwiGLU.apply(x_ext[source], self.a13, self.b13, self.a2, self.b2, w13, w2, self.scale,
-                                        padded)[rows]
+            ys = ExpertLoRASwiGLU.apply(xs, self.a13, self.b13, self.a2, self.b2, w13, w2, self.scale, padded)[rows]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         out.index_add_(0, a.token_of, ys.float() * a.gates[:, None])  # the gates' gradient reaches the router
         return out.to(x.dtype)
@@ -337,20 +334,6 @@ def _times_weight(dy: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
 def _dense(w, dtype: torch.dtype) -> torch.Tensor:
     """A frozen weight as a float matrix in `dtype`: a tensor cast, a QuantizedWeight expanded."""
     return w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
-
-
-def _padded_rows(a: Assignments, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Each expert's rows padded by zero rows to a multiple of ROW_BUCKET, as the grouped dispatch pads them (oneDNN
-    compiles a kernel per new matrix shape): (source [padded rows], the token of each padded row, n_tokens for a
-    padding row; rows [assignments], where each assignment sits among the padded rows; padded counts)."""
-    device = a.token_of.device
-    padded = [-(-c // ROW_BUCKET) * ROW_BUCKET for c in a.counts]
-    counts_t, padded_t = torch.tensor(a.counts, device=device), torch.tensor(padded, device=device)
-    shift = (padded_t.cumsum(0) - padded_t) - (counts_t.cumsum(0) - counts_t)  # how far each expert's start moves
-    rows = torch.arange(len(a.token_of), device=device) + shift[a.experts]
-    source = torch.full((sum(padded),), n_tokens, device=device)
-    source[rows] = a.token_of
-    return source, rows, padded
 
 
 _logged: set[str] = set()
