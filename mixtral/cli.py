@@ -23,10 +23,10 @@ from typing import Iterable, Sequence
 
 from mixtral.analysis.cli import add_routes_parser
 from mixtral.bench.cli import add_bench_parser
-from mixtral.config import DTYPE_CHOICES, PRESETS
+from mixtral.config import DTYPE_CHOICES, PRESETS, parse_dtype
 from mixtral.data.cli import add_data_parser
 from mixtral.finetune.cli import add_finetune_parser
-from mixtral.errors import ContextLengthError, MixtralError
+from mixtral.errors import ContextLengthError, InputError, MixtralError
 from mixtral.eval.cli import add_eval_parser
 from mixtral.generate import check_sampling, complete, stream_text
 from mixtral.io.cli import add_convert_parser, add_info_parser, add_quantize_parser, quantize_option
@@ -91,10 +91,19 @@ def shared_parents() -> dict[str, argparse.ArgumentParser]:
     memory.add_argument("--offload-dir", metavar="DIR",
                         help="with --max-memory and a model that is not a quantized checkpoint: where to write its "
                              "expert files (default: under ~/.cache/mixtral/offload)")
+    parallel = argparse.ArgumentParser(add_help=False)
+    group = parallel.add_argument_group("several processes (started by torchrun)")
+    group.add_argument("--parallel.ep", dest="parallel_ep", type=int, default=1, metavar="E",
+                       help="spread the experts over the E processes of `torchrun --nproc-per-node E -m mixtral "
+                            "...`: each holds n_experts / E of every layer (quantized or not), rank 0 also the rest "
+                            "and does the work (docs/distributed.md) (default: 1, this process alone)")
+    group.add_argument("--parallel.timeout", dest="parallel_timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="with --parallel.ep: how long to wait for every process to join, and for any one of "
+                            "them in a layer (default: 300)")
     verbose = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without -v must not overwrite a `mixtral -v ...` given before it.
     verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
-    return {"model": model, "chat_model": chat_model, "weights": weights, "verbose": verbose}
+    return {"model": model, "chat_model": chat_model, "weights": weights, "verbose": verbose, "parallel": parallel}
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +136,23 @@ def default_model(args: argparse.Namespace) -> str:
     if args.model is not None:
         return args.model
     return DEFAULT_INSTRUCT if args.command == "chat" or getattr(args, "chat", False) else DEFAULT_MODEL
+
+
+def with_model(args: argparse.Namespace, command) -> int:
+    """command(model, tokenizer) -> exit code, with the model the options name: loaded here, or with its experts
+    spread over torchrun's processes (--parallel.ep; rank 0 runs `command`, the others serve their experts)."""
+    if args.parallel_ep == 1:
+        return command(*_load(args))
+    if args.parallel_ep < 1:
+        raise InputError(f"--parallel.ep must be at least 1, got {args.parallel_ep}")
+    if args.max_memory is not None:
+        raise InputError("--max-memory and --parallel.ep do not combine: the processes of --parallel.ep hold the "
+                         "experts in memory between them")
+    from mixtral.parallel import inference
+
+    return inference.run(default_model(args), args.parallel_ep, command, tokenizer=args.tokenizer,
+                         dtype=parse_dtype(args.dtype), quantize=args.quantize, progress=sys.stderr.isatty(),
+                         timeout=args.parallel_timeout)
 
 
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
@@ -171,6 +197,7 @@ examples:
   mixtral generate --model ./Mixtral-8x7B-Instruct-v0.1 --chat "Explain top-2 routing in one paragraph."
   echo "Once upon a time" | mixtral generate --temperature 0 --max-new-tokens 32
   mixtral generate --no-stream --stop "\\n" "Paris is" "Berlin is"
+  torchrun --nproc-per-node 2 -m mixtral generate --model ./Mixtral-8x7B-v0.1 --parallel.ep 2 "The mixture"
 """
 
 
@@ -201,8 +228,12 @@ def write_stream(pieces: Iterable[str]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    prompts = read_prompts(args.prompt)
-    model, tokenizer = _load(args)
+    # Under torchrun only rank 0 generates; the others (--parallel.ep) must not wait on stdin for a prompt.
+    prompts = read_prompts(args.prompt) if os.environ.get("RANK", "0") == "0" else []
+    return with_model(args, lambda model, tokenizer: _generate(args, prompts, model, tokenizer))
+
+
+def _generate(args: argparse.Namespace, prompts: list[str], model: Transformer, tokenizer: Tokenizer) -> int:
     kwargs = _sampling_kwargs(args)
     if len(prompts) == 1 and not args.no_stream:
         write_stream(stream_text(model, tokenizer, encode_prompt(tokenizer, prompts[0], args.chat),
@@ -240,7 +271,10 @@ examples:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    model, tokenizer = _load(args)
+    return with_model(args, lambda model, tokenizer: _chat(args, model, tokenizer))
+
+
+def _chat(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -294,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
-    p = commands.add_parser("generate", parents=[verbose, parents["chat_model"], weights], formatter_class=raw,
+    p = commands.add_parser("generate", parents=[verbose, parents["chat_model"], weights, parents["parallel"]],
+                            formatter_class=raw,
                             epilog=GENERATE_EPILOG, help="continue one or more prompts, streaming the text",
                             description="Continue prompts with a model, streaming the text to stdout.")
     p.add_argument("prompt", nargs="*", metavar="PROMPT", help="prompt text; none or '-' reads stdin")
@@ -304,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     p.set_defaults(run=cmd_generate)
 
-    p = commands.add_parser("chat", parents=[verbose, parents["chat_model"], weights], formatter_class=raw,
+    p = commands.add_parser("chat", parents=[verbose, parents["chat_model"], weights, parents["parallel"]],
+                            formatter_class=raw,
                             epilog=CHAT_EPILOG,
                             help="talk with an Instruct model, keeping the conversation",
                             description="Interactive chat with an Instruct model, streaming each reply.")

@@ -15,6 +15,9 @@ is handed to the CPU backend one expert's weights at a time (`kernels.swiglu`, `
 picks the kernel; the weights may be slices of the stacks or quantized (`mixtral.quant.QuantizedExperts`). An
 offloading engine (`mixtral.offload`) keeps the experts on disk instead: it sets the layer's `offload`, which then
 runs the experts from the engine's memory slots, on the assignments `sort_by_expert` gives, as `moe_grouped` does.
+Expert parallelism (`mixtral.parallel`) leaves only a process's own experts in w13/w2 and sets the layer's
+`dispatch` to one that sends each token to the process holding its expert, its `keep` to a capacity counted over
+every process's tokens, and at inference its `offload` to the experts of the other processes.
 
 Training options of the Switch Transformer (Fedus et al. 2021), set on the module by the trainer and used only in
 training mode: `router_jitter` multiplies the router's input by U(1 - eps, 1 + eps) noise (section 2.4), and
@@ -69,6 +72,11 @@ def capacity_mask(experts: torch.Tensor, n_experts: int, limit: int) -> torch.Te
     one_hot = F.one_hot(by_priority, n_experts)
     position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # place of each assignment in its expert's queue
     return (position < limit).view(experts.shape[1], experts.shape[0]).t()
+
+
+def keep_within(experts: torch.Tensor, n_experts: int, top_k: int, capacity_factor: float) -> torch.Tensor:
+    """`capacity_mask` with the limit of `capacity_factor` over these assignments [tokens, top_k]."""
+    return capacity_mask(experts, n_experts, capacity(len(experts), n_experts, top_k, capacity_factor))
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -152,7 +160,7 @@ def _slices(counts: list[int]):
             start += count
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on x runs in: autocast's when it is on, else x's own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -169,7 +177,7 @@ def pad_by_expert(x: torch.Tensor, sorted_experts: torch.Tensor, token_of: torch
                   counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """x[token_of] (rows sorted by expert, `counts` per expert) in autocast's dtype, each expert's rows padded by
     zero rows to a multiple of ROW_BUCKET: (the padded rows, where each assignment sits among them, padded counts)."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     device = x.device
     padded = [-(-c // ROW_BUCKET) * ROW_BUCKET for c in counts]
     counts_t = torch.tensor(counts, device=device)
@@ -182,7 +190,7 @@ def pad_by_expert(x: torch.Tensor, sorted_experts: torch.Tensor, token_of: torch
     return x_ext[source], rows, padded
 
 
-def _grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, sorted_experts: torch.Tensor,
+def grouped_swiglu_padded(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, sorted_experts: torch.Tensor,
                            token_of: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """`GroupedSwiGLU` on x[token_of] (rows sorted by expert, `counts` per expert), in autocast's dtype, with each
     expert's rows padded as `pad_by_expert` pads them. Returns [len(token_of), dim]."""
@@ -229,7 +237,7 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     a = sort_by_expert(weights, experts, len(w13), kept)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if torch.is_grad_enabled() and isinstance(w13, torch.Tensor) and (x.requires_grad or w13.requires_grad):
-        ys = _grouped_swiglu_padded(x, w13, w2, a.experts, a.token_of, a.counts)
+        ys = grouped_swiglu_padded(x, w13, w2, a.experts, a.token_of, a.counts)
         out.index_add_(0, a.token_of, ys.float() * a.gates[:, None])
     else:
         kernels.experts_add(out, x, a.token_of, a.gates, [(w13[e], w2[e], s) for e, s in a.slices()])
@@ -253,11 +261,18 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, n_experts, bias=False) if n_experts > 1 else None
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        # A name in DISPATCH, or a callable with the same arguments: `mixtral.parallel` sets one that sends each
+        # token to the process holding its expert (w13 and w2 then hold only that process's experts).
         self.dispatch = "grouped"
         self.router_jitter = 0.0
         self.capacity_factor: float | None = None
-        # Set by an offloading engine (`mixtral.offload`) whose experts live on disk, not in w13/w2:
-        # offload(x [tokens, dim], weights, experts [tokens, top_k]) -> y [tokens, dim], inference only.
+        # Which assignments the capacity keeps: keep(experts [tokens, top_k], n_experts, top_k, capacity_factor)
+        # -> bool [tokens, top_k]. None counts over this call's tokens (`keep_within`); `mixtral.parallel` sets one
+        # that counts over every process's tokens, as one process holding the whole batch would.
+        self.keep = None
+        # Set by an engine that runs the experts outside w13/w2 (`mixtral.offload` from disk, `mixtral.parallel`
+        # on other processes): offload(x [tokens, dim], weights, experts [tokens, top_k]) -> y [tokens, dim],
+        # inference only.
         self.offload = None
         # Set by `mixtral.finetune.lora`: a module holding low-rank adapters of every expert, which then runs the
         # experts: lora(x, w13, w2, weights, experts, kept) -> y [tokens, dim].
@@ -278,14 +293,14 @@ class MoE(nn.Module):
         weights, experts = route(logits, self.top_k)
         kept = None
         if self.training and self.capacity_factor is not None:
-            limit = capacity(len(x), len(self.w13), self.top_k, self.capacity_factor)
-            kept = capacity_mask(experts, len(self.w13), limit)
+            kept = (self.keep or keep_within)(experts, logits.shape[-1], self.top_k, self.capacity_factor)
         if self.offload is not None:
             y = self.offload(x, weights, experts).reshape(shape)
         elif self.lora is not None:
             y = self.lora(x, self.w13, self.w2, weights, experts, kept).reshape(shape)
         else:
-            y = DISPATCH[self.dispatch](x, self.w13, self.w2, weights, experts, kept).reshape(shape)
+            dispatch = DISPATCH[self.dispatch] if isinstance(self.dispatch, str) else self.dispatch
+            y = dispatch(x, self.w13, self.w2, weights, experts, kept).reshape(shape)
         return (y, Routing(logits, experts, kept)) if return_routing else y
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

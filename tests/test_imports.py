@@ -19,7 +19,7 @@ RANKS = [
     ("mixtral.model", 3),
     ("mixtral.quant", 4),
     ("mixtral.io", 5), ("mixtral.offload", 5),
-    ("mixtral.generate", 6), ("mixtral.data", 6), ("mixtral.analysis", 6),
+    ("mixtral.generate", 6), ("mixtral.data", 6), ("mixtral.analysis", 6), ("mixtral.parallel", 6),
     ("mixtral.train", 7), ("mixtral.serve", 7), ("mixtral.finetune", 7), ("mixtral.eval", 7),
     ("mixtral.bench", 8),
     ("mixtral.cli", 9),

@@ -7,6 +7,7 @@ a result dict; the parser of the single-part benchmarks shows their module's doc
     mixtral bench load-memory --gb 1.0          mixtral bench quant-accuracy   mixtral bench train-throughput
     mixtral bench profile --model default       mixtral bench gemv             mixtral bench cold-gemv
     mixtral bench amx-experts --mode int4        mixtral bench finetune
+    mixtral bench distributed --layouts 1x1,2x1,2x2
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 from mixtral import kernels, quant
-from mixtral.bench import (amx_experts, cold_gemv, e2e, finetune, gemv, load_memory, moe, offload, profile_step,
-                           quant_accuracy, serve, train_throughput)
+from mixtral.bench import (amx_experts, cold_gemv, distributed, e2e, finetune, gemv, load_memory, moe, offload,
+                           profile_step, quant_accuracy, serve, train_throughput)
 from mixtral.bench.harness import (at_least, default_threads, parse_dtypes, parse_list, print_provenance,
                                    provenance, report, transformers_version)
 from mixtral.config import DTYPE_CHOICES, PRESETS
@@ -257,6 +258,26 @@ def run_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_distributed(args: argparse.Namespace) -> int:
+    layouts = distributed.parse_layouts(args.layouts)
+    for ep, dp in layouts:
+        at_least("--layouts ep", ep)
+        at_least("--layouts dp", dp)
+        if args.batch % (ep * dp):
+            raise InputError(f"--batch ({args.batch}) must be a multiple of every layout's processes ({ep * dp})")
+    if args.preset not in PRESETS:
+        raise InputError(f"--preset {args.preset!r} is not a preset; presets: {', '.join(PRESETS)}")
+    for name in ("--batch", "--seq", "--steps", "--threads"):
+        at_least(name, getattr(args, name[2:]))
+    if args.worker:  # one rank of a layout, under torchrun
+        ep, dp = layouts[0]
+        distributed.worker(args.preset, ep, dp, args.batch, args.seq, args.steps, args.threads, args.worker)
+        return 0
+    info = _start(args)
+    result = distributed.run(layouts, args.preset, args.batch, args.seq, args.steps, args.threads)
+    return report({**info, **result}, args.json)
+
+
 # ---- the parser ------------------------------------------------------------------------------------------------
 
 def add_bench_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -318,6 +339,19 @@ def add_bench_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) ->
                         "(default: grouped_mm,eager)")
     q.add_argument("--check-tokens", type=int, default=8, help="greedy tokens compared with transformers (default: 8)")
     common(q, repeats=5)
+
+    q = add("distributed", run_distributed, "expert + data parallel training traffic, and the Mixtral-8x7B model",
+            module=distributed, epilog=distributed.EPILOG)
+    q.add_argument("--layouts", default="1x1,2x1,2x2",
+                   help="comma-separated ep x dp layouts; 1x1 is the one-process reference of the step-time model "
+                        "(default: 1x1,2x1,2x2)")
+    q.add_argument("--preset", default="small", help="the model's preset (default: small)")
+    q.add_argument("--batch", type=int, default=8, help="sequences per step, over all ranks (default: 8)")
+    q.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
+    q.add_argument("--steps", type=int, default=3, help="steps timed with and without recording (default: 3)")
+    q.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
+    q.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
+    q.add_argument("--json", metavar="PATH", help="also write the results to this JSON file (atomically)")
 
     q = add("serve", run_serve, "mixtral serve under 1..64 concurrent clients: latency and tokens/s",
             epilog=serve.EPILOG, with_model=True,

@@ -35,7 +35,7 @@ from mixtral.io.checkpoint import SafetensorsReader, TensorPlan, write_safetenso
 from mixtral.io.files import write_json
 from mixtral.kernels import QuantizedWeight
 from mixtral.model import Transformer
-from mixtral.moe import MoE, _compute_dtype, _slices, moe_grouped, pad_by_expert, sort_by_expert
+from mixtral.moe import MoE, compute_dtype, _slices, moe_grouped, pad_by_expert, sort_by_expert
 from mixtral.quant import Quantized
 
 ATTENTION = ("wq", "wk", "wv", "wo")
@@ -123,7 +123,7 @@ class LoRALinear(nn.Module):
             if self.scale:
                 y = y + self.scale * ((flat @ self.lora_a.to(flat.dtype).t()) @ self.lora_b.to(flat.dtype).t())
         elif self.fused and not (self.training and self.dropout.p > 0):
-            dtype = _compute_dtype(flat)
+            dtype = compute_dtype(flat)
             with torch.autocast(flat.device.type, enabled=False):
                 y = LoRAProduct.apply(flat.to(dtype), self.lora_a, self.lora_b, _weight_of(self.base), self.scale)
         else:

@@ -229,6 +229,9 @@ def find_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
         config = from_params_dict(read_json(directory / "params.json"), str(directory / "params.json"))
         weights = sorted(directory.glob("consolidated*.safetensors")) or sorted(directory.glob("consolidated*.pth"))
         native = True
+    elif (directory / "dcp" / ".metadata").exists():
+        raise CheckpointError(f"{directory}: a distributed training checkpoint (torch.distributed.checkpoint); "
+                              f"write it in the Hugging Face layout first: mixtral convert {directory} OUT --to hf")
     else:
         raise CheckpointError(f"{directory}: not a checkpoint directory (no config.json or params.json)")
     if not weights:

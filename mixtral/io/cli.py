@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mixtral import quant
-from mixtral.config import DTYPE_CHOICES, dtype_name
+from mixtral.config import DTYPE_CHOICES, dtype_name, parse_dtype
 from mixtral.errors import InputError
 from mixtral.io.checkpoint import SafetensorsReader, save_hf, save_native
 from mixtral.io.loading import inspect_model, is_preset, load, quantize_checkpoint
@@ -133,13 +133,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---- convert ---------------------------------------------------------------------------------------------------
 
 CONVERT_EPILOG = """\
-SRC is a checkpoint directory in either layout (or a preset name, which writes its random weights). The
+SRC is a checkpoint directory in either layout, a distributed training run's checkpoint (torch.distributed.checkpoint
+shards, written by `torchrun ... mixtral train`), or a preset name (which writes its random weights). The
 tokenizer files found in SRC (tokenizer.model*, tokenizer.json, tokenizer_config.json, special_tokens_map.json)
 are copied to DST. DST must be empty or missing unless --force is given.
 
 examples:
   mixtral convert ./Mixtral-8x7B-v0.1 ./mixtral-native --to native
   mixtral convert ./mixtral-native ./mixtral-hf-bf16 --to hf --dtype bfloat16
+  mixtral convert out/run/checkpoints/step_001000 ./my-model --to hf        # from a distributed run
 """
 
 
@@ -183,7 +185,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if read_quantization_config(src) is not None:
         raise InputError(f"{src} is a quantized checkpoint; convert reads unquantized weights only (quantize on "
                          f"load with --quantize instead)")
-    model = load(args.src, dtype=args.dtype, progress=sys.stderr.isatty())
+    from mixtral.parallel.checkpoint import is_distributed_checkpoint, load_model
+
+    if is_distributed_checkpoint(src):  # a distributed training run's (torch.distributed.checkpoint)
+        model = load_model(src, parse_dtype(args.dtype))
+    else:
+        model = load(args.src, dtype=args.dtype, progress=sys.stderr.isatty())
     if args.force and dst.is_dir():
         # Only after SRC loaded: a failed load leaves DST as it was.
         for path in _matching(dst, CHECKPOINT_FILES + TOKENIZER_FILES):

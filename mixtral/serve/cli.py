@@ -6,6 +6,7 @@ other commands do not pay for them.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 
@@ -24,6 +25,7 @@ GET /metrics (Prometheus). See docs/serving.md.
 examples:
   mixtral serve                                            # the bundled default model on 127.0.0.1:8000
   mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --dtype bfloat16 --max-batch 16 --max-seq-len 8192
+  torchrun --nproc-per-node 2 -m mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --parallel.ep 2
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "default", "prompt": "The capital of France is", "max_tokens": 16}'
 """
@@ -32,7 +34,8 @@ examples:
 def add_serve_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register `serve` on the subparsers of the `mixtral` command; `parents` as `mixtral.cli.shared_parents`
     makes them (the model options are those of `mixtral generate`)."""
-    p = subparsers.add_parser("serve", parents=[parents["verbose"], parents["model"], parents["weights"]],
+    p = subparsers.add_parser("serve", parents=[parents["verbose"], parents["model"], parents["weights"],
+                                                parents["parallel"]],
                               help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, "
                                           "streaming) with continuous batching.",
@@ -97,12 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    sock = bind(args.host, args.port)  # before loading: a port in use fails in a second, not after the weights
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                                                    quantize=args.quantize, progress=sys.stderr.isatty(),
-                                                    max_memory=args.max_memory, offload_policy=args.offload_policy,
-                                                    offload_dir=args.offload_dir)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun (--parallel.ep) only rank 0 serves HTTP
+    sock = bind(args.host, args.port) if main else None  # before loading: a port in use fails in a second
+
+    def serve(model, tokenizer) -> int:
         max_seq_len = args.max_seq_len or min(model.config.context_len, DEFAULT_MAX_SEQ_LEN)
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
@@ -110,14 +111,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = args.served_model_name or args.model
         app = create_app(engine, name, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY)
         engine.start()
-        host, port = sock.getsockname()[:2]
-        print(f"serving {name} on http://{host}:{port} ({engine.max_batch} rows x {engine.max_seq_len} tokens of KV "
-              f"cache, {engine.cache_bytes / 2 ** 20:.0f} MiB; queue {engine.max_queue}; "
-              f"{torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
-        config = uvicorn.Config(app, log_level="info", access_log=not args.no_access_log,
-                                timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            host, port = sock.getsockname()[:2]
+            print(f"serving {name} on http://{host}:{port} ({engine.max_batch} rows x {engine.max_seq_len} tokens "
+                  f"of KV cache, {engine.cache_bytes / 2 ** 20:.0f} MiB; queue {engine.max_queue}; "
+                  f"{torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
+            config = uvicorn.Config(app, log_level="info", access_log=not args.no_access_log,
+                                    timeout_graceful_shutdown=5)
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            engine.stop()
+        return 0
+
+    try:
+        if args.parallel_ep > 1:
+            if args.max_memory is not None:
+                raise InputError("--max-memory and --parallel.ep do not combine: the processes of --parallel.ep "
+                                 "hold the experts in memory between them")
+            from mixtral.config import parse_dtype
+            from mixtral.parallel import inference
+
+            return inference.run(args.model, args.parallel_ep, serve, tokenizer=args.tokenizer,
+                                 dtype=parse_dtype(args.dtype), quantize=args.quantize,
+                                 progress=sys.stderr.isatty(), timeout=args.parallel_timeout)
+        model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                                                    quantize=args.quantize, progress=sys.stderr.isatty(),
+                                                    max_memory=args.max_memory, offload_policy=args.offload_policy,
+                                                    offload_dir=args.offload_dir)
+        return serve(model, tokenizer)
     finally:
-        sock.close()
-    engine.stop()
-    return 0
+        if sock is not None:
+            sock.close()

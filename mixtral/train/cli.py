@@ -14,11 +14,18 @@ Writes OUT/metrics.jsonl, OUT/curves.png and OUT/checkpoints/step_NNNNNN/ (Huggi
 `mixtral generate --model OUT/checkpoints/step_NNNNNN` or transformers). A run that was stopped continues from its
 latest checkpoint with --resume, exactly as if it had not been stopped.
 
+Under torchrun the run is distributed (mixtral.parallel): --parallel.ep E spreads the experts over E processes,
+--parallel.dp D makes D copies of that (E x D = the number of processes; each reads its share of every batch), and
+checkpoints are written with torch.distributed.checkpoint, resumable at any layout (or in one process) and turned
+into the Hugging Face layout by `mixtral convert CHECKPOINT OUT --to hf`. --parallel.timeout bounds the wait for a
+peer, at start and in every collective.
+
 examples:
   mixtral train configs/tiny.toml --data.dir data/prepared
   mixtral train configs/default.toml --train.steps 2000 --optim.lr 6e-4
   mixtral train configs/default-dense-active.toml --resume
   mixtral train configs/default.toml --print-config
+  torchrun --nproc-per-node 4 -m mixtral train configs/default.toml --parallel.ep 2 --parallel.dp 2
 """
 
 

@@ -120,6 +120,16 @@ class CheckpointSection:
 
 
 @dataclass
+class ParallelSection:
+    # Under torchrun: the world is ep x dp processes (mixtral.parallel). Experts are spread over ep; every process
+    # reads batch_size / (ep x dp) rows of each batch. Without torchrun both must be 1.
+    ep: int = 1
+    dp: int = 0  # 0: the number of processes / ep
+    timeout: float = 300.0  # seconds to wait for every peer at start and for any one collective
+    shard_experts: bool = True  # dp > 1: shard each expert over the dp copies (FSDP) rather than copy it whole
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "out/run"
     model: ModelSection = field(default_factory=ModelSection)
@@ -129,6 +139,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig this run trains: the preset, its fields changed, then the baseline derived."""
@@ -372,6 +383,10 @@ def check(config: TrainConfig, source: str = "config") -> None:
     need(config.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
     need(config.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
     need(config.checkpoint.keep >= 1, "checkpoint.keep", "must be at least 1")
+    p = config.parallel
+    need(p.ep >= 1, "parallel.ep", "must be at least 1")
+    need(p.dp >= 0, "parallel.dp", "must be >= 0 (0: the number of processes / parallel.ep)")
+    need(p.timeout > 0, "parallel.timeout", "must be positive")
 
 
 def _get(config: TrainConfig, key: str) -> Any:

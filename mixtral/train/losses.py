@@ -22,7 +22,7 @@ With one layer the two are the same number. `router_metrics` reports each layer'
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -36,25 +36,41 @@ def _row_mask(attention_mask: torch.Tensor | None, device: torch.device) -> torc
 LB_MODES = ("per-layer", "pooled")
 
 
+# A sum over the processes of a distributed run (differentiable), or None for one process. The auxiliary losses
+# and metrics sum their token counts and statistics with it before dividing, so each process gets the value a
+# single process would compute over the whole batch: products of means (f_e * P_e) do not average.
+Reduce = Callable[[torch.Tensor], torch.Tensor] | None
+
+
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
-                        attention_mask: torch.Tensor | None = None, mode: str = "pooled") -> torch.Tensor:
+                        attention_mask: torch.Tensor | None = None, mode: str = "pooled",
+                        reduce: Reduce = None) -> torch.Tensor:
     """The Switch load-balancing loss over the top-k assignments (see the module doc for the two modes).
 
     router_logits: one [tokens, n_experts] tensor per MoE layer; attention_mask: [batch, seq] with batch * seq
     == tokens, 0 for padding. Returns a float32 scalar; "pooled" equals transformers' `load_balancing_loss_func`,
-    "per-layer" is the mean of that function over each layer alone.
+    "per-layer" is the mean of that function over each layer alone. reduce: see `Reduce`.
     Raises ValueError for an empty sequence (a dense model has no router and no such loss) or an unknown mode.
     """
     if not router_logits:
         raise ValueError("load_balancing_loss needs the router logits of at least one MoE layer")
     if mode not in LB_MODES:
         raise ValueError(f"unknown load-balancing mode {mode!r}; choose one of {', '.join(LB_MODES)}")
-    if mode == "per-layer":
-        return sum(load_balancing_loss([logits], top_k, attention_mask) for logits in router_logits) / len(
-            router_logits)
+    n_experts = router_logits[0].shape[-1]
+    mask = _row_mask(attention_mask, router_logits[0].device)
+    groups = [[logits] for logits in router_logits] if mode == "per-layer" else [list(router_logits)]
+    stats = torch.stack([_balance_stats(group, top_k, mask) for group in groups])  # [groups, 2 n_experts + 1]
+    if reduce is not None:  # one sum over the processes for every layer's statistics
+        stats = reduce(stats)
+    assignments, probability, rows = stats[:, :n_experts], stats[:, n_experts:-1], stats[:, -1:]
+    return (n_experts * ((assignments / rows) * (probability / rows)).sum(-1)).mean()
+
+
+def _balance_stats(router_logits: Sequence[torch.Tensor], top_k: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """[2 n_experts + 1]: the top-k picks per expert, the summed router probability per expert, and the rows,
+    over the (real) tokens of these layers' logits together."""
     n_experts = router_logits[0].shape[-1]
     device = router_logits[0].device
-    mask = _row_mask(attention_mask, device)
     assignments = torch.zeros(n_experts, dtype=torch.float32, device=device)  # top-k picks per expert
     probability = torch.zeros(n_experts, dtype=torch.float32, device=device)  # summed router probability
     rows = torch.zeros((), dtype=torch.float32, device=device)
@@ -65,28 +81,36 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
         assignments = assignments + torch.zeros_like(assignments).scatter_add_(0, chosen, weight)
         probability = probability + (probs if mask is None else probs * mask[:, None]).sum(0)
         rows = rows + (len(probs) if mask is None else mask.sum())
-    return n_experts * torch.sum((assignments / rows) * (probability / rows))
+    return torch.cat([assignments, probability, rows[None]])
 
 
-def z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def z_loss(router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None,
+           reduce: Reduce = None) -> torch.Tensor:
     """The ST-MoE router z-loss (Zoph et al. 2022, eq. 5): the mean over tokens of logsumexp(logits)², which keeps
     router logits small and the softmax numerically stable. Averaged over layers (all layers see the same
-    tokens, so this is also the pooled mean). Padding rows are left out. Returns a float32 scalar."""
+    tokens, so this is also the pooled mean). Padding rows are left out; reduce: see `Reduce`. Returns a float32
+    scalar."""
     if not router_logits:
         raise ValueError("z_loss needs the router logits of at least one MoE layer")
     mask = _row_mask(attention_mask, router_logits[0].device)
-    total = 0.0
+    sums = []  # per layer: the summed z, the rows
     for logits in router_logits:
         z = torch.logsumexp(logits.float(), dim=-1).square()
-        total = total + (z.mean() if mask is None else (z * mask).sum() / mask.sum())
-    return total / len(router_logits)
+        rows = torch.tensor(float(len(z)), device=z.device) if mask is None else mask.sum()
+        sums.append(torch.stack([z.sum() if mask is None else (z * mask).sum(), rows]))
+    sums = torch.stack(sums)
+    if reduce is not None:
+        sums = reduce(sums)
+    return (sums[:, 0] / sums[:, 1]).mean()
 
 
 @torch.no_grad()
-def router_metrics(routing: Sequence[Routing], attention_mask: torch.Tensor | None = None) -> list[dict]:
+def router_metrics(routing: Sequence[Routing], attention_mask: torch.Tensor | None = None,
+                   reduce: Reduce = None) -> list[dict]:
     """Per MoE layer: `load`, the fraction of top-k assignments each expert received (before any capacity drop;
     sums to 1, 1/n_experts each when balanced); `dropped`, the fraction of assignments the capacity dropped (0 when
-    dropless); `entropy`, the mean entropy of the router's softmax in nats (log n_experts = uniform)."""
+    dropless); `entropy`, the mean entropy of the router's softmax in nats (log n_experts = uniform).
+    reduce: see `Reduce`."""
     metrics = []
     for r in routing:
         n_experts = r.logits.shape[-1]
@@ -95,11 +119,16 @@ def router_metrics(routing: Sequence[Routing], attention_mask: torch.Tensor | No
         weight = real[:, None].expand_as(r.experts)
         load = torch.zeros(n_experts, device=r.logits.device).scatter_add_(0, r.experts.reshape(-1),
                                                                           weight.reshape(-1))
-        dropped = 0.0 if r.kept is None else ((~r.kept) * weight).sum() / weight.sum()
         log_p = torch.log_softmax(r.logits.float(), dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1)
-        metrics.append({"load": (load / load.sum()).tolist(), "dropped": float(dropped),
-                        "entropy": float((entropy * real).sum() / real.sum())})
+        # load per expert, then dropped assignments, all assignments, entropy sum, real tokens
+        dropped = weight.sum() * 0 if r.kept is None else ((~r.kept) * weight).sum()
+        sums = torch.cat([load, torch.stack([dropped, weight.sum(), (entropy * real).sum(), real.sum()])])
+        if reduce is not None:
+            sums = reduce(sums)
+        load, (dropped, assignments, entropy_sum, tokens) = sums[:n_experts], sums[n_experts:].tolist()
+        metrics.append({"load": (load / load.sum()).tolist(), "dropped": dropped / assignments,
+                        "entropy": entropy_sum / tokens})
     return metrics
 
 
