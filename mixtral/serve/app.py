@@ -15,10 +15,12 @@ The request schemas live in `mixtral.serve.schemas`, the response shapes in `mix
 from __future__ import annotations
 
 import asyncio
+import hmac
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,8 +58,10 @@ class Served:
                            param="model", code="model_not_found")
 
 
-def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
-    """The ASGI app serving `engine` (started separately) under the model name `model_name`."""
+def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = DEFAULT_MAX_BODY,
+               api_keys: Sequence[str] = ()) -> FastAPI:
+    """The ASGI app serving `engine` (started separately) under the model name `model_name`. With `api_keys`,
+    every request but GET /health needs `Authorization: Bearer KEY` with one of them (`RequireKey`)."""
     app = FastAPI(title="mixtral", summary="OpenAI-compatible API for Mixtral of Experts, continuously batched",
                   version="1")
     app.state.served = served = Served(engine, model_name, TokenTexts(engine.tokenizer))
@@ -68,6 +72,8 @@ def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = DEFAULT
         app.add_api_route(path, endpoint, methods=[method], **options)
     paths = {route.path for route in app.routes}
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if api_keys:  # before the body is read, after the request is counted
+        app.add_middleware(RequireKey, keys=api_keys)
     app.add_middleware(CountRequests, counts=served.http_counts, paths=paths)
     return app
 
@@ -232,6 +238,36 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 
 
 # ---- ASGI middleware -------------------------------------------------------------------------------------------
+
+class RequireKey:
+    """Answers 401 in OpenAI's error shape to any request but GET /health (a liveness probe carries no secret)
+    without `Authorization: Bearer KEY` for one of `keys`. Each key is compared in constant time, and all of them
+    every time, so the time taken says nothing about how close a guess was or which key it resembles; a key is
+    never echoed in a response or logged."""
+
+    OPEN = {"/health"}
+
+    def __init__(self, app, keys: Sequence[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            message, code = ("no API key: this server needs one, sent as the header Authorization: Bearer KEY",
+                             None)
+        else:
+            matched = False
+            for key in self.keys:
+                matched |= hmac.compare_digest(token, key)
+            if matched:
+                return await self.app(scope, receive, send)
+            message, code = "incorrect API key", "invalid_api_key"
+        response = error_response(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
 
 class BodyLimit:
     """Reads the whole request body before the app sees it and answers 413 once it passes `limit` bytes (at once

@@ -9,6 +9,7 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 
 from mixtral.errors import InputError
 from mixtral.io.loading import load_model_and_tokenizer
@@ -20,12 +21,14 @@ decodes one token for every running request in one forward. The KV pool (--max-b
 tokens) is allocated at start; requests beyond it wait in a queue of --max-queue sequences, and beyond that get
 HTTP 429 with Retry-After. The model is called by the name given as --model unless --served-model-name says
 otherwise. Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
-GET /metrics (Prometheus). See docs/serving.md.
+GET /metrics (Prometheus). With --api-key (or $MIXTRAL_API_KEY, or --api-key-file) every request but GET /health
+needs `Authorization: Bearer KEY`; others get 401. See docs/serving.md.
 
 examples:
   mixtral serve                                            # the bundled default model on 127.0.0.1:8000
   mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --dtype bfloat16 --max-batch 16 --max-seq-len 8192
   torchrun --nproc-per-node 2 -m mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --parallel.ep 2
+  MIXTRAL_API_KEY=sk-... mixtral serve --host 0.0.0.0                # reachable from other machines: use a key
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "default", "prompt": "The capital of France is", "max_tokens": 16}'
 """
@@ -49,6 +52,11 @@ def add_serve_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) ->
     http.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
                       help="largest request body accepted; larger gets 413 (default: 1 MiB)")
     http.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
+    http.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                      help="require `Authorization: Bearer KEY` on every request but GET /health (repeatable; "
+                           f"also ${API_KEY_ENV}, and --api-key-file); without any key the server is open")
+    http.add_argument("--api-key-file", metavar="FILE",
+                      help="more keys, one a line (blank lines and lines starting with # are skipped)")
     engine = p.add_argument_group("engine")
     engine.add_argument("--max-batch", type=int, default=64, metavar="N",
                         help="rows of the KV pool: sequences decoded together at most (default: 64)")
@@ -69,6 +77,29 @@ def add_serve_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) ->
 # Rows of this length are enough for most chats and keep the pool small: 64 rows of a 32k-token context would be
 # 17 GB for a 2-layer Mixtral-8x7B-shaped model.
 DEFAULT_MAX_SEQ_LEN = 4096
+
+
+API_KEY_ENV = "MIXTRAL_API_KEY"
+
+
+def read_api_keys(given: list[str], path: str | None) -> list[str]:
+    """The keys of --api-key, of $MIXTRAL_API_KEY and of --api-key-file, in that order, without duplicates.
+    Raises InputError for an empty key or a file that cannot be read or holds none (naming the file, never a key)."""
+    keys = list(given)
+    if os.environ.get(API_KEY_ENV):
+        keys.append(os.environ[API_KEY_ENV])
+    if path is not None:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--api-key-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not found:
+            raise InputError(f"--api-key-file {path}: no keys in it (one a line; # starts a comment)")
+        keys += found
+    if any(not k.strip() or any(c.isspace() for c in k.strip()) for k in keys):
+        raise InputError("an API key is empty or has spaces in it (--api-key, $MIXTRAL_API_KEY or --api-key-file)")
+    return list(dict.fromkeys(k.strip() for k in keys))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -100,6 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    api_keys = read_api_keys(args.api_key, args.api_key_file)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun (--parallel.ep) only rank 0 serves HTTP
     sock = bind(args.host, args.port) if main else None  # before loading: a port in use fails in a second
 
@@ -109,13 +141,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
         engine.warm_up()
         name = args.served_model_name or args.model
-        app = create_app(engine, name, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY)
+        app = create_app(engine, name, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY, api_keys=api_keys)
         engine.start()
         try:
             host, port = sock.getsockname()[:2]
             print(f"serving {name} on http://{host}:{port} ({engine.max_batch} rows x {engine.max_seq_len} tokens "
                   f"of KV cache, {engine.cache_bytes / 2 ** 20:.0f} MiB; queue {engine.max_queue}; "
-                  f"{torch.get_num_threads()} threads)", file=sys.stderr, flush=True)
+                  f"{torch.get_num_threads()} threads; "
+                  f"{f'{len(api_keys)} API key(s) required' if api_keys else 'no API key required'})",
+                  file=sys.stderr, flush=True)
             config = uvicorn.Config(app, log_level="info", access_log=not args.no_access_log,
                                     timeout_graceful_shutdown=5)
             uvicorn.Server(config).run(sockets=[sock])
