@@ -26,7 +26,7 @@ from mixtral.bench.cli import add_bench_parser
 from mixtral.config import DTYPE_CHOICES, PRESETS, parse_dtype
 from mixtral.data.cli import add_data_parser
 from mixtral.finetune.cli import add_finetune_parser
-from mixtral.errors import ContextLengthError, InputError, MixtralError
+from mixtral.errors import ContextLengthError, MixtralError
 from mixtral.eval.cli import add_eval_parser
 from mixtral.generate import check_sampling, complete, stream_text
 from mixtral.io.cli import add_convert_parser, add_info_parser, add_quantize_parser, quantize_option
@@ -99,7 +99,8 @@ def shared_parents() -> dict[str, argparse.ArgumentParser]:
                             "and does the work (docs/distributed.md) (default: 1, this process alone)")
     group.add_argument("--parallel.timeout", dest="parallel_timeout", type=float, default=300.0, metavar="SECONDS",
                        help="with --parallel.ep: how long to wait for every process to join, and for any one of "
-                            "them in a layer (default: 300)")
+                            "them in a layer; between layers (an idle server) the others wait for rank 0 without "
+                            "limit (default: 300)")
     verbose = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand without -v must not overwrite a `mixtral -v ...` given before it.
     verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -141,18 +142,15 @@ def default_model(args: argparse.Namespace) -> str:
 def with_model(args: argparse.Namespace, command) -> int:
     """command(model, tokenizer) -> exit code, with the model the options name: loaded here, or with its experts
     spread over torchrun's processes (--parallel.ep; rank 0 runs `command`, the others serve their experts)."""
-    if args.parallel_ep == 1:
+    # One process as ever, unless --parallel.ep asks for more or torchrun started several (which then say that
+    # their number and --parallel.ep disagree).
+    if args.parallel_ep == 1 and os.environ.get("WORLD_SIZE", "1") == "1":
         return command(*_load(args))
-    if args.parallel_ep < 1:
-        raise InputError(f"--parallel.ep must be at least 1, got {args.parallel_ep}")
-    if args.max_memory is not None:
-        raise InputError("--max-memory and --parallel.ep do not combine: the processes of --parallel.ep hold the "
-                         "experts in memory between them")
     from mixtral.parallel import inference
 
-    return inference.run(default_model(args), args.parallel_ep, command, tokenizer=args.tokenizer,
-                         dtype=parse_dtype(args.dtype), quantize=args.quantize, progress=sys.stderr.isatty(),
-                         timeout=args.parallel_timeout)
+    return inference.run(default_model(args), args.parallel_ep, command, program=args.command,
+                         tokenizer=args.tokenizer, dtype=parse_dtype(args.dtype), quantize=args.quantize,
+                         max_memory=args.max_memory, progress=sys.stderr.isatty(), timeout=args.parallel_timeout)
 
 
 def _load(args: argparse.Namespace) -> tuple[Transformer, Tokenizer]:
@@ -266,6 +264,7 @@ quits. With stdin not a terminal, each input line is one user turn and each repl
 examples:
   mixtral chat --model ./Mixtral-8x7B-Instruct-v0.1
   mixtral chat --model ./Mixtral-8x7B-Instruct-v0.1 --temperature 0 < questions.txt
+  torchrun --nproc-per-node 2 -m mixtral chat --model ./Mixtral-8x7B-Instruct-v0.1 --parallel.ep 2
 """
 
 

@@ -558,12 +558,14 @@ def empty_quantized_model(config: ModelConfig, dtype: torch.dtype, quantize: "st
 
 
 def empty_experts(config: ModelConfig, dtype: torch.dtype, precision: "Precision | str | None",
-                  device: str | torch.device = "cpu") -> tuple:
+                  device: str | torch.device = "cpu", n_experts: int | None = None) -> tuple:
     """One MoE layer's expert stacks (w13 [n_experts, 2·hidden, dim], w2 [n_experts, dim, hidden]), uninitialised:
     QuantizedExperts at `precision`, or plain `dtype` tensors when it is None (the experts left unquantized).
-    What the streaming readers fill one layer at a time."""
+    n_experts: how many (default: the config's; fewer for a process that holds a share of them). What the streaming
+    readers fill one layer at a time."""
     precision = parse_precision(precision)
-    shapes = [(config.n_experts, 2 * config.hidden_dim, config.dim), (config.n_experts, config.dim, config.hidden_dim)]
+    n = config.n_experts if n_experts is None else n_experts
+    shapes = [(n, 2 * config.hidden_dim, config.dim), (n, config.dim, config.hidden_dim)]
     if precision is None:
         return tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
     return tuple(_empty_quantized(torch.empty(shape, dtype=dtype, device="meta"), precision, QuantizedExperts)

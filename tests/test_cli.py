@@ -205,8 +205,9 @@ def test_convert_force_replaces_an_old_checkpoint(run, ckpt, tmp_path):
 
 @pytest.mark.parametrize("command,options", [
     ("generate", ["--model", "--tokenizer", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-                  "--stop", "--dtype", "--chat", "--no-stream"]),
-    ("chat", ["--model", "--tokenizer", "--max-new-tokens", "--temperature", "--top-p", "--seed", "/reset", "/exit"]),
+                  "--stop", "--dtype", "--chat", "--no-stream", "--parallel.ep", "--parallel.timeout", "torchrun"]),
+    ("chat", ["--model", "--tokenizer", "--max-new-tokens", "--temperature", "--top-p", "--seed", "/reset", "/exit",
+              "--parallel.ep", "torchrun"]),
     ("info", ["--model", "--json"]),
     ("convert", ["SRC", "DST", "--to", "--dtype", "--force"]),
 ])
@@ -255,6 +256,8 @@ def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | Non
     ("--tokenizer", ["generate", "chat", "serve", "routes record", "routes ablate"]),
     ("--dtype", ["generate", "chat", "serve", "routes record", "routes ablate"]),
     ("--quantize", ["generate", "chat", "serve", "routes record", "routes ablate"]),
+    ("--parallel.ep", ["generate", "chat", "serve"]),
+    ("--parallel.timeout", ["generate", "chat", "serve"]),
     ("--verbose", ["generate", "chat", "info", "convert", "serve", "routes", "routes record", "routes html"]),
 ])
 def test_shared_options_are_one_definition(flag, commands):

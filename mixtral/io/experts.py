@@ -295,30 +295,33 @@ class ExpertFile:
         return QuantizedWeight(entry["mode"], tensors["qweight"], tensors["scales"], tensors.get("zeros"),
                                tensors.get("bias"), entry["group_size"], entry["out_features"], entry["in_features"])
 
-    def read_stack_into(self, w13, w2) -> None:
+    def read_stack_into(self, w13, w2, experts: range | None = None) -> None:
         """Fill a resident pair of stacks (QuantizedExperts, or float tensors [n_experts, out, in]) with every
-        expert of this file, one record at a time (memory: one record). Float buffers are converted to the stacks'
-        dtypes. Raises CheckpointError naming the file when the stacks do not match the file's layout."""
+        expert of this file, or (`experts`) with those of a range, into slots 0, 1, ...: a process's share. One
+        record at a time (memory: one record). Float buffers are converted to the stacks' dtypes. Raises
+        CheckpointError naming the file when the stacks do not match the file's layout, IndexError for a range
+        beyond the file's experts."""
+        experts = range(self.n_experts) if experts is None else experts
         targets = {"w13": _stack_buffers(w13), "w2": _stack_buffers(w2)}
         for name, stack in (("w13", w13), ("w2", w2)):
             entry = self.matrices[name]
             mode = stack.mode if isinstance(stack, quant.QuantizedExperts) else None
             group = stack.group_size if mode is not None else None
             have = {k: list(b.shape) for k, b in targets[name].items()}
-            want = {k: [self.n_experts] + spec["shape"] for k, spec in entry["buffers"].items()}
+            want = {k: [len(experts)] + spec["shape"] for k, spec in entry["buffers"].items()}
             if (entry["mode"], entry["group_size"]) != (mode, group) or have != want:
                 raise CheckpointError(f"{self.path}: {name} is {entry['mode'] or 'unquantized'} (group "
                                       f"{entry['group_size']}) with buffers {want}, but the model has "
                                       f"{mode or 'unquantized'} (group {group}) with buffers {have}")
         record = aligned_buffer(self.record_bytes)
         with torch.no_grad():
-            for e in range(self.n_experts):
+            for slot, e in enumerate(experts):
                 self.read_into(e, record)
                 for name, matrix in zip(("w13", "w2"), self.views(record)):
                     parts = {"weight": matrix} if isinstance(matrix, torch.Tensor) else \
                         {k: getattr(matrix, k) for k in _QUANTIZED_BUFFERS if getattr(matrix, k) is not None}
                     for k, t in parts.items():
-                        targets[name][k][e].copy_(t)
+                        targets[name][k][slot].copy_(t)
 
     def __repr__(self) -> str:
         w13 = self.matrices["w13"]

@@ -118,7 +118,7 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | torch.dtype | None =
     elif not path.exists():
         raise _neither(path)
     elif read_quantization_config(path) is not None:
-        saved = _check_saved(path, quantize)
+        saved = check_saved(path, quantize)
         model = load_quantized(path, dtype=dtype, device=device)
     else:
         model = load_checkpoint(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
@@ -160,7 +160,7 @@ def _load_offloaded(path_or_preset, budget: int, *, dtype, device, progress, see
     if not is_preset(path_or_preset) and not path.exists():
         raise _neither(path)
     if not is_preset(path_or_preset) and read_quantization_config(path) is not None:
-        _check_saved(path, quantize)
+        check_saved(path, quantize)
         checkpoint = path
     else:
         checkpoint = Path(directory) if directory else OFFLOAD_CACHE / _offload_source(path_or_preset, quantize,
@@ -206,7 +206,7 @@ def _drop_cached_pages(checkpoint: Path) -> None:
             os.close(fd)
 
 
-def _check_saved(path: Path, quantize: "str | dict | None") -> dict[str, str | None]:
+def check_saved(path: Path, quantize: "str | dict | None") -> dict[str, str | None]:
     """The precisions a quantized checkpoint was saved with; InputError when `quantize` asks for others."""
     saved = saved_settings(path)
     if quantize is not None and _spec_strings(quantize) != saved:
@@ -376,6 +376,12 @@ def resolve_tokenizer(tokenizer: str | None, model: str, config: ModelConfig,
     return tok, note
 
 
+def random_weights_note(preset: str) -> str:
+    """What the commands tell a user who runs a preset."""
+    return (f"{preset!r} is a preset with random weights, so the output is noise; leave out --model for the trained "
+            f"default model, or pass a checkpoint directory")
+
+
 def load_model_and_tokenizer(model: str, *, tokenizer: str | None = None, dtype: str | torch.dtype | None = None,
                              quantize: "str | dict | None" = None, progress: bool = True,
                              max_memory: "str | int | None" = None, offload_policy: str = "lru+predict",
@@ -396,8 +402,7 @@ def load_model_and_tokenizer(model: str, *, tokenizer: str | None = None, dtype:
     log.info("loaded %s (%s) in %.1f s", model, dtype_name(loaded.tok_embeddings.weight.dtype),
              time.perf_counter() - start)
     if files is None:
-        notes.warning(f"{model!r} is a preset with random weights, so the output is noise; leave out --model "
-                      f"for the trained default model, or pass a checkpoint directory")
+        notes.warning(random_weights_note(model))
     if tokenizer_note:
         notes.warning(tokenizer_note)
     return loaded, tok

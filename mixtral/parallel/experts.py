@@ -159,15 +159,24 @@ def global_capacity(group, world_size: int, rank: int):
 
 _STOP, _LAYER = 0, 1
 
+# Followers wait for the leader's next command for as long as it is idle (a server without requests).
+PATIENCE = datetime.timedelta(days=365)
+
+
+def patient_group(ranks: Sequence[int]):
+    """A gloo group over `ranks` whose collectives wait `PATIENCE`: for the commands, and for whatever else may
+    take some ranks far longer than others (loading a model). A peer that dies still ends the wait at once (its
+    connections close)."""
+    return dist.new_group(list(ranks), timeout=PATIENCE)
+
 
 class ExpertChannel:
     """What rank 0 and the followers share: the ep group for the data, and a second group over the same ranks for
-    the commands. Followers wait on a command for as long as the server is idle, so that group's timeout is long;
-    a leader that dies still ends their wait at once (its connections close)."""
+    the commands (`patient_group`; pass one made before, or one is made)."""
 
-    def __init__(self, group, ranks: Sequence[int], dim: int, top_k: int, dtype: torch.dtype):
+    def __init__(self, group, ranks: Sequence[int], dim: int, top_k: int, dtype: torch.dtype, commands=None):
         self.group = group
-        self.commands = dist.new_group(list(ranks), timeout=datetime.timedelta(days=365))
+        self.commands = patient_group(ranks) if commands is None else commands
         self.leader = dist.get_global_rank(group, 0)
         self.dim, self.top_k, self.dtype = dim, top_k, dtype
 
@@ -184,15 +193,18 @@ class ExpertChannel:
         """One layer's tokens x [n, dim] and routing (weights float32, experts int64, [n, top_k]): broadcast from
         the leader, which passes them, to the followers, which pass None and get them back. One broadcast of their
         bytes (gloo broadcasts neither bfloat16 nor int16; and one message costs one latency, not three)."""
-        sizes = [n * self.dim * self.dtype.itemsize, n * self.top_k * 4, n * self.top_k * 8]
+        # Widest elements first, so that each part starts at a multiple of its own size (a view as int64 needs it).
+        sizes = [n * self.top_k * 8, n * self.top_k * 4, n * self.dim * self.dtype.itemsize]
         if x is not None:
-            buffer = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in (x, weights, experts)])
+            assert x.shape == (n, self.dim) and x.dtype == self.dtype, (x.shape, x.dtype, n, self.dim, self.dtype)
+            assert weights.dtype == torch.float32 and experts.dtype == torch.int64, (weights.dtype, experts.dtype)
+            buffer = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in (experts, weights, x)])
         else:
             buffer = torch.empty(sum(sizes), dtype=torch.uint8)
         dist.broadcast(buffer, self.leader, group=self.group)
         if x is not None:
             return x, weights, experts
-        x_bytes, w_bytes, e_bytes = buffer.split(sizes)
+        e_bytes, w_bytes, x_bytes = buffer.split(sizes)
         return (x_bytes.view(self.dtype).view(n, self.dim), w_bytes.view(torch.float32).view(n, self.top_k),
                 e_bytes.view(torch.int64).view(n, self.top_k))
 
@@ -217,7 +229,7 @@ class RemoteExperts:
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        weights, experts = weights.float().contiguous(), experts.contiguous()
+        weights, experts = weights.float().contiguous(), experts.long().contiguous()
         self.channel.send(_LAYER, self.layer, len(x))
         self.channel.share(x, weights, experts, len(x))
         out = local_experts_add(x, weights, experts, self.w13, self.w2, self.lo, self.n_experts)

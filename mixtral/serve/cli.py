@@ -158,15 +158,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        if args.parallel_ep > 1:
-            if args.max_memory is not None:
-                raise InputError("--max-memory and --parallel.ep do not combine: the processes of --parallel.ep "
-                                 "hold the experts in memory between them")
+        if args.parallel_ep != 1 or os.environ.get("WORLD_SIZE", "1") != "1":
             from mixtral.config import parse_dtype
             from mixtral.parallel import inference
 
-            return inference.run(args.model, args.parallel_ep, serve, tokenizer=args.tokenizer,
-                                 dtype=parse_dtype(args.dtype), quantize=args.quantize,
+            return inference.run(args.model, args.parallel_ep, serve, program="serve", tokenizer=args.tokenizer,
+                                 dtype=parse_dtype(args.dtype), quantize=args.quantize, max_memory=args.max_memory,
                                  progress=sys.stderr.isatty(), timeout=args.parallel_timeout)
         model, tokenizer = load_model_and_tokenizer(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                                                     quantize=args.quantize, progress=sys.stderr.isatty(),
