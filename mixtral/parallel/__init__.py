@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mixtral.parallel.mesh import (DistributedError, Mesh, collective_failed, init, is_collective_failure, launched,
-                                   shutdown)
+from mixtral.parallel.mesh import (DistributedError, Mesh, collective_failed, failures_named, init,
+                                   is_collective_failure, launched, shutdown)
 from mixtral.parallel.parallelize import clip_grad_norm_, local_rows, parallelize, reduce_expert_grads
 
 
@@ -51,5 +51,6 @@ def mean_over(values: dict[str, torch.Tensor], mesh: Mesh) -> dict[str, torch.Te
     return dict(zip(values, stacked / mesh.size))
 
 
-__all__ = ["DistributedError", "Mesh", "clip_grad_norm_", "collective_failed", "init", "is_collective_failure",
+__all__ = ["DistributedError", "Mesh", "clip_grad_norm_", "collective_failed", "failures_named", "init",
+           "is_collective_failure",
            "launched", "local_rows", "mean_over", "parallelize", "reduce_expert_grads", "shutdown", "sum_over"]

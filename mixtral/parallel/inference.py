@@ -37,8 +37,7 @@ from mixtral.io.quantized import load_quantized, open_expert_files, read_quantiz
 from mixtral.model import Transformer
 from mixtral.parallel.experts import (ExpertChannel, RemoteExperts, expert_range, follow, patient_group,
                                       select_experts, stop_followers)
-from mixtral.parallel.mesh import (DistributedError, Mesh, collective_failed, init, is_collective_failure, launched,
-                                   shutdown)
+from mixtral.parallel.mesh import DistributedError, Mesh, failures_named, init, launched
 
 log = logging.getLogger("mixtral")
 
@@ -131,14 +130,8 @@ def run(model: str, ep: int, command: Callable[[Transformer, object], int], *, p
                          f"(RANK and WORLD_SIZE are unset): run `torchrun --nproc-per-node {ep} -m mixtral "
                          f"{program} ... --parallel.ep {ep}`")
     mesh = init(ep, 1, timeout=timeout)
-    try:
+    with failures_named(mesh.rank, timeout):
         return _run(model, mesh, command, tokenizer, dtype, quantize, progress)
-    except (RuntimeError, dist.DistError) as e:
-        if not is_collective_failure(e):
-            raise
-        raise collective_failed(e, mesh.rank, timeout) from None
-    finally:
-        shutdown()
 
 
 def _run(model: str, mesh: Mesh, command, tokenizer, dtype, quantize, progress) -> int:

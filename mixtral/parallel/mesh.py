@@ -14,7 +14,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,21 @@ _PEER_TROUBLE = ("connection closed", "connection reset", "connection refused", 
 def is_collective_failure(e: BaseException) -> bool:
     """Whether `e` comes from a collective whose peer died, hung up or timed out."""
     return isinstance(e, dist.DistError) or any(s in str(e).lower() for s in _PEER_TROUBLE)
+
+
+@contextmanager
+def failures_named(rank: int, timeout: float) -> Iterator[None]:
+    """Inside the block, a collective that fails because a peer died, hung up or let `timeout` pass becomes a
+    DistributedError naming `rank` (`collective_failed`); other errors pass as they are. The process group is left
+    after the block either way."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if not is_collective_failure(e):
+            raise
+        raise collective_failed(e, rank, timeout) from None
+    finally:
+        shutdown()
 
 
 def collective_failed(e: BaseException, rank: int, timeout: float) -> DistributedError:

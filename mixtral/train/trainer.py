@@ -233,16 +233,10 @@ def distributed(config: TrainConfig) -> Iterator["Mesh | None"]:
     if not mesh.is_main:
         log.setLevel(logging.WARNING)  # one copy of the run's messages, from rank 0
     try:
-        yield mesh
-    except parallel.DistributedError:
-        raise
-    except (RuntimeError, torch.distributed.DistError) as e:
-        if not parallel.is_collective_failure(e):
-            raise
-        raise parallel.collective_failed(e, mesh.rank, p.timeout) from None
+        with parallel.failures_named(mesh.rank, p.timeout):
+            yield mesh
     finally:
         log.setLevel(level)
-        parallel.shutdown()
 
 
 @contextmanager
