@@ -86,7 +86,10 @@ def test_buffered_reads_when_direct_io_is_refused(tmp_path):
         if f._direct_fd is not None:
             os.close(f._direct_fd)
             f._direct_fd = None  # what a filesystem without O_DIRECT (tmpfs) gives
-        unaligned = torch.zeros(f.record_bytes + 64, dtype=torch.uint8)[64:]  # not page-aligned: fine buffered
+        # Not page-aligned, which is fine buffered. 64 bytes in, unless the allocation happens to end a page there.
+        base = torch.zeros(f.record_bytes + 128, dtype=torch.uint8)
+        offset = 64 if (base.data_ptr() + 64) % ex.PAGE else 128
+        unaligned = base[offset:offset + f.record_bytes]
         assert unaligned.data_ptr() % ex.PAGE
         f.read_into(2, unaligned)
         assert torch.equal(f.views(unaligned)[0].qweight, w13[2].qweight)
