@@ -5,6 +5,7 @@ Public contract:
         (quantize: "int8" | "int4", weight-only; see mixtral.quant)
     model(input_ids [B, T]) -> logits [B, T, vocab]
     mixtral.generate(model, prompts, max_new_tokens, temperature=0.0, ...) -> new token ids per prompt
+        (batch_invariant=True: each row's tokens and logits bitwise those it gets alone; see mixtral.batch_invariant)
     mixtral.load_tokenizer(path_or_preset)
 """
 from __future__ import annotations

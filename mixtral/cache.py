@@ -13,14 +13,10 @@ when 0 <= q <= p and, with a sliding window W, p - q < W. That one rule covers
 Padding tokens of a chunk (rows with fewer new tokens than others) are written to one extra scratch slot at the
 end of the buffer, which is never attended.
 
-The serving engine keeps one cache as a pool of rows, one sequence each, and works on it through the row
-operations: `rows` (a view over a range of rows that a forward writes into), `move_rows`, `clear_rows`, `reset`.
-Nothing outside this module touches the buffers.
+The serving engine keeps its cache in blocks instead (`mixtral.serve.blocks`), behind the same two calls the model
+makes: `advance` and `update`.
 """
 from __future__ import annotations
-
-import copy
-from typing import Sequence
 
 import torch
 
@@ -59,50 +55,9 @@ class KVCache:
         return self._lengths.tolist()
 
     @property
-    def kv_tokens(self) -> int:
-        """The tokens held by all rows together."""
-        return int(self._lengths.sum())
-
-    @property
     def nbytes(self) -> int:
         """The memory of the key and value buffers."""
         return self._k.nbytes + self._v.nbytes
-
-    # ---- rows --------------------------------------------------------------------------------------------------
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A cache over rows start:stop of this one, sharing its memory: a forward through it reads and writes
-        these rows in place, and leaves the others alone."""
-        assert 0 <= start <= stop <= self.batch_size, (start, stop, self.batch_size)
-        view = copy.copy(self)
-        view._k, view._v = self._k[:, start:stop], self._v[:, start:stop]
-        view._slot_pos, view._lengths = self._slot_pos[start:stop], self._lengths[start:stop]
-        view._slots, view._used = None, 0
-        return view
-
-    def move_rows(self, src: Sequence[int], dst: Sequence[int]) -> None:
-        """Copy rows `src` to rows `dst` (keys, values, positions, lengths); every source row is read before any
-        is written, so [i, j] -> [j, i] swaps two rows."""
-        src, dst = list(src), list(dst)
-        assert len(src) == len(dst), (src, dst)
-        if src == dst:
-            return
-        for t in (self._k, self._v):  # [layer, row, kv_heads, slot, head_dim]
-            t[:, dst] = t[:, src]
-        self._slot_pos[dst] = self._slot_pos[src]
-        self._lengths[dst] = self._lengths[src]
-
-    def clear_rows(self, rows: Sequence[int]) -> None:
-        """Empty `rows`: no slot holds a position any more, so nothing in them is ever attended (their keys and
-        values can stay)."""
-        rows = list(rows)
-        self._slot_pos[rows] = -1
-        self._lengths[rows] = 0
-
-    def reset(self) -> None:
-        """Empty every row."""
-        self._slot_pos.fill_(-1)
-        self._lengths.zero_()
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
 
@@ -128,7 +83,7 @@ class KVCache:
         slots = torch.where(real, slots, self.capacity)  # padding goes to the scratch slot
         self._slot_pos.scatter_(1, slots, torch.where(real, positions, -1))
         self._slot_pos[:, self.capacity] = -1
-        self._lengths.copy_(new_lengths)  # in place: a view from `rows` updates the pool's lengths
+        self._lengths = new_lengths
         self._slots = slots
         # Attend over the slots in use only; the scratch slot is last and always left out.
         self._used = self.capacity if self.rolling else min(longest, self.capacity)

@@ -13,10 +13,12 @@ row seeded with s draws what it would draw alone with seed s.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Iterator, Sequence
 
 import torch
 
+from mixtral.batch_invariant import batch_invariant as batch_invariant_mode
 from mixtral.cache import KVCache
 from mixtral.errors import ContextLengthError, InputError
 from mixtral.model import Transformer
@@ -106,10 +108,14 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_
 @torch.inference_mode()
 def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
            top_k: int | None = None, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-           eos_id: int | None = 2, prefill_chunk: int = 512) -> Iterator[list[int | None]]:
+           eos_id: int | None = 2, prefill_chunk: int = 512,
+           batch_invariant: bool = False) -> Iterator[list[int | None]]:
     """Yield, at each decode step, the new token of every row (None once a row has finished).
 
     A row finishes after `max_new_tokens` tokens or after producing `eos_id` (which is yielded).
+    batch_invariant: run the forwards in the batch-invariant mode (`mixtral.batch_invariant`): each row's logits,
+    hence its greedy tokens, bitwise those it gets alone, at a cost (docs/serving.md). False leaves the mode as the
+    calling thread has it.
     Raises InputError for empty prompts, ids outside the vocabulary or bad sampling settings, and
     ContextLengthError when a prompt plus `max_new_tokens` does not fit the model's context.
     """
@@ -134,8 +140,14 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = int(lengths.max())
     chunk = min(prefill_chunk, longest)
-    cache = KVCache(config, batch, longest + max_new_tokens, max_chunk=chunk,
+    # A rolling (sliding-window) cache has window + max_chunk - 1 slots and keeps position p in slot p % slots; in
+    # the batch-invariant mode the slots follow prefill_chunk rather than this batch's longest prompt, so that a
+    # row's keys lie in the order they have when it runs alone.
+    cache = KVCache(config, batch, longest + max_new_tokens, max_chunk=prefill_chunk if batch_invariant else chunk,
                     dtype=model.tok_embeddings.weight.dtype, device=device)
+    # Entered around each forward, never held across a `yield`: the caller's code between tokens runs on this
+    # thread too and must not find the mode on.
+    mode = batch_invariant_mode if batch_invariant else nullcontext
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -144,7 +156,8 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
     last_logits = torch.empty(batch, config.vocab_size, device=device)
     for start in range(0, longest, chunk):
         n_new = (lengths - start).clamp(0, chunk)
-        logits = prefill(model, cache, ids[:, start:start + chunk], n_new)
+        with mode():
+            logits = prefill(model, cache, ids[:, start:start + chunk], n_new)
         ends_here = (lengths > start) & (lengths <= start + chunk)
         last_logits[ends_here] = logits[ends_here]
 
@@ -162,7 +175,8 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
         yield tokens
         if all(finished):
             return
-        last_logits = decode_step(model, cache, tokens, active=[not f for f in finished])
+        with mode():
+            last_logits = decode_step(model, cache, tokens, active=[not f for f in finished])
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,

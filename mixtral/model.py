@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral import kernels
+from mixtral.batch_invariant import attend_by_query, by_row, is_batch_invariant
 from mixtral.cache import KVCache
 from mixtral.config import ModelConfig
 from mixtral.moe import MoE, Routing
@@ -36,6 +37,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_batch_invariant():  # one row at a time: torch sums a lone long row in parts, on several threads
+            return by_row(self._normalize, x)
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the input dtype, as the reference does: bf16 sums drift.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -48,6 +54,8 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions[..., None].float() * inv_freq  # [batch, seq, head_dim / 2]
     angles = torch.cat([angles, angles], dim=-1)
+    if is_batch_invariant():  # one position at a time: a vectorised body and its scalar remainder may round apart
+        return by_row(torch.cos, angles).to(dtype)[:, None], by_row(torch.sin, angles).to(dtype)[:, None]
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
 
@@ -59,7 +67,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(head_dim) + mask) v, with k and v shared by groups of query heads."""
+    """softmax(q kᵀ / sqrt(head_dim) + mask) v, with k and v shared by groups of query heads (in the batch-invariant
+    mode one query at a time over the keys it sees: `attend_by_query`)."""
+    if is_batch_invariant():
+        return attend_by_query(q, k, v, mask)
     gqa = q.shape[1] != k.shape[1]
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # Training under bf16 autocast: PyTorch's CPU flash attention is faster in float32 (forward + backward

@@ -17,7 +17,9 @@ offloading engine (`mixtral.offload`) keeps the experts on disk instead: it sets
 runs the experts from the engine's memory slots, on the assignments `sort_by_expert` gives, as `moe_grouped` does.
 Expert parallelism (`mixtral.parallel`) leaves only a process's own experts in w13/w2 and sets the layer's
 `dispatch` to one that sends each token to the process holding its expert, its `keep` to a capacity counted over
-every process's tokens, and at inference its `offload` to the experts of the other processes.
+every process's tokens, and at inference its `offload` to the experts of the other processes. In the
+batch-invariant mode (`mixtral.batch_invariant`) the `Router` and the backend multiply with kernels whose result
+for a token does not depend on how many tokens share the product.
 
 Training options of the Switch Transformer (Fedus et al. 2021), set on the module by the trainer and used only in
 training mode: `router_jitter` multiplies the router's input by U(1 - eps, 1 + eps) noise (section 2.4), and
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral import kernels
+from mixtral.batch_invariant import is_batch_invariant
 
 
 class Routing(NamedTuple):
@@ -247,6 +250,17 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
 DISPATCH = {"reference": moe_reference, "grouped": moe_grouped}
 
 
+class Router(nn.Linear):
+    """The gate W_g, an nn.Linear without bias. In the batch-invariant mode its product goes where the model's
+    linears go (`kernels.matmul`), since F.linear's kernel follows the number of rows; otherwise it stays F.linear."""
+
+    def __init__(self, dim: int, n_experts: int):
+        super().__init__(dim, n_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.matmul(x, self.weight) if is_batch_invariant() else F.linear(x, self.weight)
+
+
 class MoE(nn.Module):
     """Router + experts. `dispatch` picks the implementation ("grouped" by default, "reference" the oracle).
 
@@ -258,7 +272,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         # A dense FFN has no router: every token goes to expert 0 with weight 1.
-        self.router = nn.Linear(dim, n_experts, bias=False) if n_experts > 1 else None
+        self.router = Router(dim, n_experts) if n_experts > 1 else None
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         # A name in DISPATCH, or a callable with the same arguments: `mixtral.parallel` sets one that sends each

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mixtral import kernels
-from mixtral.bench import cold_gemv, e2e, gemv, moe
+from mixtral.bench import cold_gemv, e2e, gemv, moe, structured
 from mixtral.bench.cli import run_e2e, run_moe
 from mixtral.bench.harness import parse_dtypes
 from mixtral.cli import build_parser, main
@@ -30,7 +30,7 @@ FAST = ["--repeats", "2", "--min-seconds", "0", "--bandwidth-gb", "0.05"]
 TINY_E2E = ["bench", "e2e", "--synthetic-config", "tiny", "--dtypes", "bf16", "--prompt-tokens", "4",
             "--new-tokens", "2", "--repeats", "1"]
 BENCHMARKS = ("moe", "e2e", "serve", "load-memory", "quant-accuracy", "train-throughput", "profile", "gemv",
-              "cold-gemv", "amx-experts", "finetune")
+              "cold-gemv", "amx-experts", "finetune", "structured")
 
 
 def test_moe_writes_rows_that_agree_with_transformers(tmp_path, capsys):
@@ -292,3 +292,22 @@ def test_finetune_times_ours_and_peft_on_the_same_adapters(tmp_path, capsys, hf_
     assert first["dpo", "ours"] == pytest.approx(math.log(2), abs=1e-6) == first["dpo", "peft"]
     assert all(r["tokens_per_s"] > 0 and r["trained_params"] > 0 for r in speed)
     assert {r["trained_params"] for r in speed if r["task"] == "sft"} == {speed[0]["trained_params"]}
+
+
+def test_structured_checks_each_library_it_finds(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("jsonschema")
+    # A few features and invalid schemas stand in for all of them; the peers run where they are installed.
+    monkeypatch.setattr(structured, "FEATURES", {k: structured.FEATURES[k] for k in ("types", "uniqueItems")})
+    monkeypatch.setattr(structured, "INVALID", {"unknown type": structured.INVALID["unknown type"]})
+    out = tmp_path / "structured.json"
+    assert main(["bench", "structured", "--samples", "1", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ours = result["libraries"]["llguidance"]
+    for walk in ours["walk"].values():  # every token of the valid documents allowed, EOS only at the end
+        assert walk["all_allowed"] and walk["eos_only_at_end"] and walk["specials_never"]
+    assert ours["features"] == {"types": "ok 1/1", "uniqueItems": "refused"}
+    assert ours["invalid"] == {"unknown type": "refused"}
+    assert set(result["ours_mask_us"]) == set(structured.SCHEMAS)
+    assert "JSON Schema feature" in capsys.readouterr().out
+    assert main(["bench", "structured", "--libraries", "guidance"]) == 1
+    assert "error: --libraries: unknown value 'guidance'" in capsys.readouterr().err

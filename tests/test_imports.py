@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mixtral"
 # Low to high. A module may import modules of its own rank or below. The longest matching prefix decides; every
 # `cli` module (the only ones that build argument parsers) sits at the top with the command itself.
 RANKS = [
-    ("mixtral.errors", 0), ("mixtral.config", 0),
+    ("mixtral.errors", 0), ("mixtral.config", 0), ("mixtral.batch_invariant", 0),
     ("mixtral.kernels", 1),
     ("mixtral.moe", 2), ("mixtral.cache", 2),
     ("mixtral.model", 3),

@@ -14,7 +14,7 @@ from mixtral import kernels, quant
 from mixtral.errors import InputError
 from mixtral.generate import complete
 from mixtral.io.tokenizer import load_tokenizer
-from mixtral.moe import MoE
+from mixtral.moe import MoE, Router
 
 from conftest import float_logits, rel_error, token_ids
 
@@ -161,7 +161,7 @@ def test_router_untouched(mode):
     routers = [layer.moe.router.weight.clone() for layer in model.layers]
     quant.quantize(model, mode)
     for layer, before in zip(model.layers, routers):
-        assert type(layer.moe.router) is torch.nn.Linear
+        assert type(layer.moe.router) is Router
         assert layer.moe.router.weight.dtype == torch.bfloat16 and torch.equal(layer.moe.router.weight, before)
         assert isinstance(layer.moe.w13, quant.QuantizedExperts)
         assert isinstance(layer.attention.wq, quant.QuantizedLinear)

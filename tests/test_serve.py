@@ -50,6 +50,17 @@ def wait_for_url(process: subprocess.Popen, log: Path, timeout: float = 120.0) -
     raise RuntimeError(f"the server did not start in {timeout} s:\n{log.read_text()}")
 
 
+def stop_servers(*processes: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and stops, as on Ctrl-C), and SIGKILL what has not stopped after 10 s."""
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """{"main": url, "busy": url}: both started at once (their start-up overlaps).
@@ -67,13 +78,7 @@ def servers(tmp_path_factory):
     try:
         yield {name: wait_for_url(p, logs / f"{name}.log") for name, p in processes.items()}
     finally:
-        for p in processes.values():
-            p.terminate()
-        for p in processes.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_servers(*processes.values())
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +220,21 @@ def test_n_and_seeds(client):
     assert greedy.usage.completion_tokens == 16
 
 
+def test_n_choices_share_one_prefill_and_a_repeated_prompt_hits_the_prefix_cache(client, url):
+    prompt = list(range(1000, 1040))  # 40 token ids: two full blocks of 16 and 8 more
+    before = metrics(url)
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=3, n=4, seed=1)
+    middle = metrics(url)
+    assert middle["mixtral_prefill_tokens_total"] - before["mixtral_prefill_tokens_total"] == 40  # once, not 4x
+    assert middle["mixtral_prefix_cache_hit_tokens_total"] - before["mixtral_prefix_cache_hit_tokens_total"] == 3 * 40
+    # The same prompt again: its two full blocks come from the cache, the last 8 tokens are computed.
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=3)
+    after = metrics(url)
+    assert after["mixtral_prefill_tokens_total"] - middle["mixtral_prefill_tokens_total"] == 8
+    assert after["mixtral_prefix_cache_hit_tokens_total"] - middle["mixtral_prefix_cache_hit_tokens_total"] == 32
+    assert 0 < after["mixtral_prefix_cache_hit_rate"] <= 1
+
+
 def test_logprobs(client):
     out = client.completions.create(model="tiny", prompt="Log", max_tokens=6, temperature=0, logprobs=2)
     lp = out.choices[0].logprobs
@@ -283,6 +303,8 @@ def test_metrics(client, url):
     assert after["mixtral_queue_depth"] == 0 and after["mixtral_running_sequences"] == 0
     assert after["mixtral_batch_rows"] == 32 and after["mixtral_kv_cache_capacity_tokens"] == 32 * MAX_SEQ_LEN
     assert after["mixtral_kv_cache_usage_ratio"] == 0 and after["mixtral_kv_cache_bytes"] > 0
+    assert after["mixtral_kv_cache_blocks_used"] == 0 and after["mixtral_kv_cache_blocks"] == 32 * MAX_SEQ_LEN // 16
+    assert after["mixtral_kv_cache_blocks_cached"] > 0  # what finished keeps its prefix for later prompts
     text = httpx.get(f"{url}/metrics").text
     assert "# TYPE mixtral_generation_tokens_total counter" in text
     assert "# TYPE mixtral_decode_batch_size histogram" in text

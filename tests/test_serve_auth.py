@@ -10,7 +10,7 @@ import pytest
 
 from mixtral.errors import InputError
 from mixtral.serve.cli import read_api_keys
-from test_serve import start_server, wait_for_url
+from test_serve import start_server, stop_servers, wait_for_url
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -34,11 +34,7 @@ def server(tmp_path_factory):
     try:
         yield wait_for_url(process, log), log
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_servers(process)
 
 
 @pytest.mark.parametrize("headers,code", [({}, None), ({"Authorization": "Bearer sk-wrong"}, "invalid_api_key"),

@@ -11,6 +11,9 @@ table and returns a result dict; `cli` holds their parser (`add_bench_parser`), 
     gemv              one expert's linear layer at 1-16 rows, every candidate (`mixtral bench gemv`)
     cold_gemv         GEMV from a cold cache: prefetch and 2 MB pages (`mixtral bench cold-gemv`)
     amx_experts       a layer's experts on AMX, amx.c vs the path without it (`mixtral bench amx-experts`)
+    batch_invariant   decode and prefill with the batch-invariant mode off and on (`mixtral bench batch-invariant`)
+    structured        response_format's grammar libraries side by side on Mixtral's tokenizer (`mixtral bench
+                      structured`)
 
 The package sits above the rest of mixtral (it may import the server's metrics parser); only `mixtral.cli` imports
 it.

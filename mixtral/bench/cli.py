@@ -7,7 +7,9 @@ a result dict; the parser of the single-part benchmarks shows their module's doc
     mixtral bench load-memory --gb 1.0          mixtral bench quant-accuracy   mixtral bench train-throughput
     mixtral bench profile --model default       mixtral bench gemv             mixtral bench cold-gemv
     mixtral bench amx-experts --mode int4        mixtral bench finetune
+    mixtral bench batch-invariant --rows 1,16
     mixtral bench distributed --layouts 1x1,2x1,2x2
+    mixtral bench structured
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from pathlib import Path
 import torch
 
 from mixtral import kernels, quant
-from mixtral.bench import (amx_experts, cold_gemv, distributed, e2e, finetune, gemv, load_memory, moe, offload,
-                           profile_step, quant_accuracy, serve, train_throughput)
+from mixtral.bench import (amx_experts, batch_invariant, cold_gemv, distributed, e2e, finetune, gemv, load_memory,
+                           moe, offload, profile_step, quant_accuracy, serve, structured, train_throughput)
 from mixtral.bench.harness import (at_least, default_threads, parse_dtypes, parse_list, print_provenance,
                                    provenance, report, transformers_version)
 from mixtral.config import DTYPE_CHOICES, PRESETS
@@ -117,6 +119,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for option in ("--requests", "--prompt-tokens", "--threads", "--synthetic-layers"):
         at_least(option, getattr(args, option[2:].replace("-", "_")))
     at_least("--new-tokens", args.new_tokens, 2, "inter-token latency needs a second token")
+    if args.shared_prefix < 0:
+        raise InputError(f"--shared-prefix must be >= 0, got {args.shared_prefix}")
     if args.synthetic and args.model != "default":
         raise InputError("--synthetic serves its own checkpoint; leave out --model")
     levels = parse_list(args.clients, int, "--clients")
@@ -126,7 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
         model=args.model, synthetic=args.synthetic, synthetic_config=args.synthetic_config,
         synthetic_layers=args.synthetic_layers, workdir=args.workdir, dtype=args.dtype, levels=levels,
         requests=args.requests, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
-        seed=args.seed, startup_timeout=args.startup_timeout)
+        seed=args.seed, startup_timeout=args.startup_timeout, shared_prefix=args.shared_prefix,
+        kv_cache_memory=args.kv_cache_memory)
     return report({**info, **result}, args.json)
 
 
@@ -243,6 +248,19 @@ def run_amx_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch_invariant(args: argparse.Namespace) -> int:
+    rows = parse_list(args.rows, int, "--rows")
+    for option in ("--layers", "--prompt-tokens", "--steps", "--prefill-tokens", "--repeats"):
+        at_least(option, getattr(args, option[2:].replace("-", "_")))
+    for n in rows:
+        at_least("--rows", n)
+    _threads(args)
+    info = _start(args)
+    result = batch_invariant.run(layers=args.layers, rows=rows, prompt_tokens=args.prompt_tokens, steps=args.steps,
+                                 prefill_tokens=args.prefill_tokens, repeats=args.repeats, seed=args.seed)
+    return _finish({**info, **result}, args.json)
+
+
 def run_offload(args: argparse.Namespace) -> int:
     models = parse_list(args.models, str, "--model")
     budgets = parse_list(args.budgets, str, "--budgets")
@@ -256,6 +274,16 @@ def run_offload(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def run_structured(args: argparse.Namespace) -> int:
+    libraries = parse_list(args.libraries, str, "--libraries", choices=list(structured.LIBRARIES))
+    at_least("--samples", args.samples)
+    at_least("--repeats", args.repeats)
+    info = _start(args)
+    result = structured.run(tokenizer=args.tokenizer, libraries=libraries, samples=args.samples,
+                            repeats=args.repeats, seed=args.seed)
+    return _finish({**info, **result}, args.json)
 
 
 def run_distributed(args: argparse.Namespace) -> int:
@@ -365,6 +393,10 @@ def add_bench_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) ->
     q.add_argument("--requests", type=int, default=2, help="requests per client, one after another (default: 2)")
     q.add_argument("--prompt-tokens", type=int, default=16, help="tokens of each prompt (default: 16)")
     q.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (default: 32)")
+    q.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="tokens every prompt shares before its own --prompt-tokens (a system prompt); runs the "
+                        "levels with and without prefix caching (default: 0, none)")
+    q.add_argument("--kv-cache-memory", metavar="SIZE", help="passed to mixtral serve (e.g. 64MiB)")
     q.add_argument("--threads", type=int, default=threads, help=f"torch threads of the server (default: {threads})")
     q.add_argument("--seed", type=int, default=0, help="seed of the prompts and the synthetic weights (default: 0)")
     q.add_argument("--startup-timeout", type=float, default=900,
@@ -436,6 +468,19 @@ def add_part_benchmarks(add, threads: int) -> None:
     q.add_argument("--seed", type=int, default=0, help="(default: 0)")
     q.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file (atomically)")
 
+    q = add("structured", run_structured, "response_format's grammar libraries: llguidance, xgrammar, "
+            "outlines-core", structured)
+    q.add_argument("--tokenizer", metavar="PATH_OR_PRESET", help="tokenizer preset, file or directory "
+                                                                 "(default: Mixtral's, from mistral-common)")
+    libraries = ",".join(structured.LIBRARIES)
+    q.add_argument("--libraries", default=libraries,
+                   help=f"comma-separated; those not installed are skipped (default: {libraries})")
+    q.add_argument("--samples", type=int, default=3, help="sampled documents per JSON Schema feature (default: 3)")
+    q.add_argument("--repeats", type=int, default=3, help="compiles and walks timed; the median is reported "
+                                                          "(default: 3)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the sampled documents (default: 0)")
+    q.add_argument("--json", metavar="PATH", help="also write the results to this JSON file (atomically)")
+
     q = add("finetune", run_finetune, "a LoRA SFT and DPO step: ours vs transformers + PEFT; QLoRA memory",
             finetune)
     q.add_argument("--model", default="default", metavar="PATH_OR_PRESET",
@@ -492,6 +537,19 @@ def add_part_benchmarks(add, threads: int) -> None:
     q.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     q.add_argument("--offload-dir", help="where expert files of a non-quantized --model are written")
     q.add_argument("--json", type=Path, help="also write the rows as JSON here")
+
+    q = add("batch-invariant", run_batch_invariant, "decode and prefill with the batch-invariant mode off and on",
+            batch_invariant)
+    q.add_argument("--layers", type=int, default=1, help="layers of the Mixtral-8x7B-shaped slice (default: 1)")
+    q.add_argument("--rows", default="1,4,16", help="comma-separated rows decoded together (default: 1,4,16)")
+    q.add_argument("--prompt-tokens", type=int, default=16,
+                   help="tokens of the longest decode prompt; each further row one fewer (default: 16)")
+    q.add_argument("--steps", type=int, default=4, help="decode steps timed per measurement (default: 4)")
+    q.add_argument("--prefill-tokens", type=int, default=256, help="tokens of the prefill prompt (default: 256)")
+    q.add_argument("--repeats", type=int, default=3, help="rounds, after one of warm-up; the median (default: 3)")
+    q.add_argument("--threads", type=int, default=threads, help=f"torch threads (default: {threads})")
+    q.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    q.add_argument("--json", metavar="PATH", help="also write the results to this JSON file (atomically)")
 
     q = add("amx-experts", run_amx_experts, "a layer's experts on AMX: amx.c vs the path without it", amx_experts)
     q.add_argument("--rows", default="16,32,64,128,160,256", help="rows per expert, comma-separated "

@@ -69,6 +69,16 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, n_words={self.n_words})"
 
+    @property
+    def sentencepiece(self) -> sentencepiece.SentencePieceProcessor | None:
+        """The sentencepiece model underneath (None for a tokenizer.json): its pieces, byte and control tokens."""
+        return self._sp
+
+    @property
+    def hf(self) -> Any:
+        """The `tokenizers.Tokenizer` underneath a tokenizer.json (None for a sentencepiece model)."""
+        return self._hf
+
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, with BOS prepended / EOS appended as asked.
 

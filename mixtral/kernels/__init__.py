@@ -19,7 +19,8 @@ between them and torch:
     memory.py     2 MB pages for the weights (`prefer_huge_pages`), per-thread scratch buffers
 
 Every machine gets correct results: where a kernel cannot be built or the CPU lacks its instructions, the product
-goes to torch, logged once. This package imports nothing of mixtral's above `mixtral.errors`/`mixtral.config`.
+goes to torch, logged once. This package imports nothing of mixtral's above `mixtral.errors`/`mixtral.config`/
+`mixtral.batch_invariant` (whose mode `CpuPolicy` obeys: no kernel chosen by the number of rows).
 """
 from __future__ import annotations
 

@@ -127,7 +127,8 @@ class CpuPolicy:
         """Whether amx.c runs."""
         return self.library and self.amx and self.amx_kernel
 
-    def linear_path(self, kind: str, rows: int, *, inference: bool = True, fits: bool = True) -> str:
+    def linear_path(self, kind: str, rows: int, *, inference: bool = True, fits: bool = True,
+                    invariant: bool = False) -> str:
         """How x · wᵀ runs on the CPU for `rows` rows of x and a weight of `kind`:
 
             "bf16": "gemv" (gemv.c), "transposed" ((W xᵀ)ᵀ through torch's GEMM on AMX), "torch" (F.linear)
@@ -140,7 +141,13 @@ class CpuPolicy:
         inference: no autograd through the product (the C kernels and the transposed form have no backward); for
         bf16 also activations in bf16. fits: the weight's shape suits the GEMV or int8 kernel (bf16: K % 32 == 0,
         contiguous; int8: in_features % 16 == 0, where torch's int8 kernel crashes otherwise).
+
+        invariant: the batch-invariant mode (`mixtral.batch_invariant`), where no row's result may depend on the
+        number of rows: "gemv" for bf16 where it runs (each output one chain of vdpbf16ps over k and one horizontal
+        sum, whatever the rows), else "by_row" (each row alone, through the path `rows=1` gives).
         """
+        if invariant:
+            return "gemv" if kind == "bf16" and inference and fits and self.gemv else "by_row"
         if kind == "bf16":
             if inference and fits and self.gemv and rows <= self.max_gemv_rows:
                 return "gemv"
@@ -160,13 +167,17 @@ class CpuPolicy:
             return "torch"
         return "expand" if self.dequant else "reference"
 
-    def expert_path(self, kind: str, rows: int, *, inference: bool = True, fits: bool = True) -> str:
+    def expert_path(self, kind: str, rows: int, *, inference: bool = True, fits: bool = True,
+                    invariant: bool = False) -> str:
         """How one SwiGLU expert runs on `rows` rows of x: "amx" (the whole expert in amx.c), "transposed" (bf16
         products as (W xᵀ)ᵀ through torch's GEMM on AMX), or "linear" (each product as `linear_path` says).
 
         inference: bf16 activations on the CPU without autograd. fits: amx.c takes these weights (kind, shapes,
-        layout: `kernels.amx_fits`).
+        layout: `kernels.amx_fits`). invariant: the batch-invariant mode, always "linear" (amx.c cuts K into chunks
+        by the number of rows, and torch's GEMM blocks by it).
         """
+        if invariant:
+            return "linear"
         least = {"bf16": self.amx_expert_rows, "int8": self.amx_int8_expert_rows,
                  "int4": self.amx_int4_expert_rows}.get(kind)
         if inference and fits and self.amx_experts and least is not None and rows >= least:

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from mixtral.batch_invariant import by_row, is_batch_invariant
 from mixtral.kernels import amx
 from mixtral.kernels.gemv import bf16_activations, bf16_inference, matmul, transposed_mm
 from mixtral.kernels.cpu_policy import policy
@@ -38,7 +39,8 @@ def _path(x: torch.Tensor, w13, w2, rows: int, quantized_on_amx: bool) -> str:
     current, tensor = policy(), isinstance(w13, torch.Tensor)
     fits = current.amx_experts and (tensor or quantized_on_amx) and amx.amx_fits(x, w13, w2)
     inference = bf16_inference(x, w13) if tensor else bf16_activations(x)
-    return current.expert_path(weight_kind(w13), rows, inference=inference, fits=fits)
+    return current.expert_path(weight_kind(w13), rows, inference=inference, fits=fits,
+                               invariant=is_batch_invariant())
 
 
 def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
@@ -52,6 +54,8 @@ def swiglu(x: torch.Tensor, w13, w2) -> torch.Tensor:
     if path == "transposed":
         return transposed_swiglu(x, w13, w2)
     gate, up = linear(x, w13).chunk(2, dim=-1)
+    if is_batch_invariant():  # one row at a time: silu's vectorised body and scalar remainder round differently
+        return linear(by_row(lambda g, u: F.silu(g) * u, gate, up), w2)
     return linear(F.silu(gate) * up, w2)
 
 

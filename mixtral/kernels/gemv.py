@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mixtral.batch_invariant import by_row, is_batch_invariant
 from mixtral.kernels import build
 from mixtral.kernels.cpu_policy import policy
 
@@ -65,11 +66,16 @@ def transposed_mm(w: torch.Tensor, xt: torch.Tensor, out: torch.Tensor | None = 
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x · wᵀ for x [..., K] and w [N, K], in x's dtype: F.linear, or gemv.c or (W xᵀ)ᵀ where they are faster."""
-    if not bf16_inference(x, w):
+    """x · wᵀ for x [..., K] and w [N, K], in x's dtype: F.linear, or gemv.c or (W xᵀ)ᵀ where they are faster. In
+    the batch-invariant mode, gemv.c or F.linear one row at a time (`CpuPolicy.linear_path`)."""
+    bf16, invariant = bf16_inference(x, w), is_batch_invariant()
+    if not (bf16 or invariant):
         return F.linear(x, w)
     rows = x.numel() // w.shape[1]
-    path = policy().linear_path("bf16", rows, fits=w.shape[1] % 32 == 0 and w.is_contiguous())
+    path = policy().linear_path("bf16" if w.dtype == torch.bfloat16 else "other", rows, inference=bf16,
+                                fits=w.shape[1] % 32 == 0 and w.is_contiguous(), invariant=invariant)
+    if path == "by_row":
+        return by_row(lambda row: F.linear(row, w), x)
     if path == "gemv":
         flat = x.reshape(-1, w.shape[1]).contiguous()
         return gemv_bf16(flat, w).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])

@@ -26,6 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from mixtral.batch_invariant import by_row, is_batch_invariant
 from mixtral.kernels import build, gemv, packing
 from mixtral.kernels.cpu_policy import policy
 
@@ -77,13 +78,23 @@ class QuantizedWeight:
         return w[:, :self.in_features] if self.padding else w
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in] -> x · wᵀ [n, out] in x's dtype."""
+        """x [n, in] -> x · wᵀ [n, out] in x's dtype. In the batch-invariant mode one row at a time, each through
+        the path of one row."""
         inference = not (torch.is_grad_enabled() and x.requires_grad)  # the integer kernels have no backward
         path = "reference"
         if x.device.type != "cpu":
             _fallback(f"no {self.mode} kernel for device {x.device.type}")
         else:
-            path = policy().linear_path(self.mode, x.shape[0], inference=inference, fits=self.in_features % 16 == 0)
+            fits = self.in_features % 16 == 0
+            path = policy().linear_path(self.mode, x.shape[0], inference=inference, fits=fits,
+                                        invariant=is_batch_invariant())
+            if path == "by_row":
+                one = policy().linear_path(self.mode, 1, inference=inference, fits=fits)
+                return by_row(lambda row: self._product(row, one), x)
+        return self._product(x, path)
+
+    def _product(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        """x · wᵀ through `path` (`CpuPolicy.linear_path`'s name for it)."""
         if path == "int4_gemv":
             return gemv.gemv_int4(self._stored_layout(x), self.qweight, self.scales, self.bias).to(x.dtype)
         if path == "lowbit_gemv":

@@ -2,6 +2,7 @@
 
     engine.py   the engine: a pool of KV-cache rows; requests join and leave the running batch at every step
     schemas.py  the request and error bodies (strict pydantic models)
+    structured.py  response_format: a JSON Schema (or any JSON object) as a grammar that masks each sampled token
     openai.py   OpenAI's response shapes: completions and chat completions, whole or as server-sent events
     app.py      the FastAPI app: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics
     metrics.py  the Prometheus text format

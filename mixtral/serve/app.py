@@ -33,6 +33,7 @@ from mixtral.serve.engine import FINISH_REASONS, Engine, Event, QueueFullError, 
 from mixtral.serve.openai import ChatFormat, CompletionFormat, Reply, TokenTexts
 from mixtral.serve.schemas import (ERROR_RESPONSES, MAX_N, APIError, ChatCompletionRequest, CompletionRequest,
                                    SamplingRequest, error_body)
+from mixtral.serve.structured import Grammar, compile_response_format
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes; a full 32k-token prompt as text or ids is ~0.25 MB
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a step or a few, when rows free up
@@ -159,6 +160,7 @@ async def run_request(request: Request, body: SamplingRequest, prompts: list[lis
         raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} sequences; this "
                             f"server's limit is {limit} per request", param="n" if body.n > 1 else prompt_param)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    grammar = await compile_grammar(body, engine.tokenizer)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     jobs = []
@@ -168,7 +170,8 @@ async def run_request(request: Request, body: SamplingRequest, prompts: list[lis
             params = SamplingParams(
                 max_tokens=max_tokens if max_tokens is not None else max(1, engine.max_seq_len - len(ids)),
                 temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=seed, stop=stop,
-                logprobs=logprobs, ignore_eos=body.ignore_eos, continue_prompt=fmt.continues_prompt)
+                logprobs=logprobs, ignore_eos=body.ignore_eos, continue_prompt=fmt.continues_prompt,
+                grammar=grammar)
             index = len(jobs)
             jobs.append((ids, params, lambda event, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, event))))
     try:
@@ -188,6 +191,24 @@ async def run_request(request: Request, body: SamplingRequest, prompts: list[lis
         return StreamingResponse(reply.stream(usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return await reply.whole(request)
+
+
+async def compile_grammar(body: SamplingRequest, tokenizer) -> Grammar | None:
+    """The grammar of the request's response_format (None: free text), compiled once for all its sequences.
+
+    Compiled on a worker thread: a large schema takes milliseconds to seconds, which would stall every other
+    client on the event loop (a repeated format is a cache hit). Raises APIError (400) naming the problem.
+    """
+    if body.response_format is None or body.response_format.type == "text":
+        return None
+    if body.ignore_eos:
+        raise APIError(400, "ignore_eos cannot be combined with response_format: the output ends with EOS when "
+                            "the document is complete", param="ignore_eos")
+    response_format = body.response_format.model_dump(by_alias=True)
+    try:
+        return await asyncio.to_thread(compile_response_format, response_format, tokenizer)
+    except MixtralError as e:
+        raise APIError(400, str(e), param="response_format") from None
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -335,7 +356,9 @@ class CountRequests:
 def render_metrics(engine: Engine, http_counts: Counter) -> str:
     """The text of GET /metrics: the engine's counters and gauges, and the HTTP responses by route and status."""
     counts = engine.counts
-    capacity = engine.max_batch * engine.max_seq_len
+    pool = engine.pool
+    capacity = pool.n_blocks * pool.block_size
+    looked_up = counts["cached_tokens"] + counts["prefill_tokens"]
     return metrics.render([
         ("mixtral_http_requests_total", "counter", "HTTP responses by route and status code",
          [({"route": path, "status": status}, n) for (path, status), n in sorted(http_counts.items())]),
@@ -344,27 +367,48 @@ def render_metrics(engine: Engine, http_counts: Counter) -> str:
          [({"reason": r}, counts[f"finished_{r}"]) for r in FINISH_REASONS]),
         ("mixtral_sequences_rejected_total", "counter", "sequences refused with 429 because the queue was full",
          [({}, counts["rejected"])]),
-        ("mixtral_prompt_tokens_total", "counter", "prompt tokens prefilled", [({}, counts["prompt_tokens"])]),
+        ("mixtral_prompt_tokens_total", "counter", "prompt tokens submitted", [({}, counts["prompt_tokens"])]),
+        ("mixtral_prefill_tokens_total", "counter", "prompt tokens computed (recomputed after a preemption too)",
+         [({}, counts["prefill_tokens"])]),
+        ("mixtral_prefix_cache_hit_tokens_total", "counter",
+         "prompt tokens not computed: found in the prefix cache, or shared by the n choices of one prompt",
+         [({}, counts["cached_tokens"])]),
+        ("mixtral_prefix_cache_hit_rate", "gauge", "prefix_cache_hit_tokens / (hit + prefill tokens) since start",
+         [({}, counts["cached_tokens"] / looked_up if looked_up else 0.0)]),
         ("mixtral_generation_tokens_total", "counter", "tokens generated", [({}, counts["generation_tokens"])]),
         ("mixtral_generation_tokens_per_second", "gauge", "tokens generated per second over the last 10 s",
          [({}, engine.token_rate.per_second())]),
         ("mixtral_engine_steps_total", "counter", "engine steps (each: admit, prefill, decode)",
          [({}, counts["steps"])]),
-        ("mixtral_queue_depth", "gauge", "sequences waiting for a row of the KV pool", [({}, len(engine.waiting))]),
+        ("mixtral_queue_depth", "gauge", "requests waiting to be admitted (their n choices count once)",
+         [({}, len(engine.waiting))]),
         ("mixtral_queue_limit", "gauge", "waiting sequences beyond which requests get 429", [({}, engine.max_queue)]),
-        ("mixtral_running_sequences", "gauge", "sequences holding a row (decoding or prefilling): the batch size",
+        ("mixtral_running_sequences", "gauge", "sequences admitted (decoding or prefilling): the batch size",
          [({}, len(engine.rows))]),
-        ("mixtral_batch_rows", "gauge", "rows of the KV pool: the largest batch", [({}, engine.max_batch)]),
+        ("mixtral_running_sequences_peak", "gauge", "the most sequences that ran at once since start",
+         [({}, engine.peak_rows)]),
+        ("mixtral_batch_rows", "gauge", "sequences that may run at once at most (--max-batch)",
+         [({}, engine.max_batch)]),
+        ("mixtral_preemptions_total", "counter",
+         "sequences sent back to the queue because the KV cache was full (they recompute, then go on)",
+         [({}, counts["preemptions"])]),
         ("mixtral_decode_batch_size", "histogram", "rows in each decode step", engine.batch_sizes),
         ("mixtral_time_to_first_token_seconds", "histogram", "from a sequence's submission to its first token",
          engine.ttft),
-        ("mixtral_kv_cache_tokens", "gauge", "tokens held in the KV pool by running sequences",
+        ("mixtral_kv_cache_tokens", "gauge", "tokens of the running sequences (a shared block counts for each)",
          [({}, engine.kv_tokens)]),
-        ("mixtral_kv_cache_capacity_tokens", "gauge", "tokens the KV pool holds (rows x max sequence length)",
+        ("mixtral_kv_cache_capacity_tokens", "gauge", "tokens the KV cache holds (blocks x block size)",
          [({}, capacity)]),
-        ("mixtral_kv_cache_usage_ratio", "gauge", "kv_cache_tokens / kv_cache_capacity_tokens",
-         [({}, engine.kv_tokens / capacity)]),
-        ("mixtral_kv_cache_bytes", "gauge", "memory of the KV pool, allocated at start", [({}, engine.cache_bytes)]),
+        ("mixtral_kv_cache_blocks", "gauge", "blocks of the KV cache", [({}, pool.n_blocks)]),
+        ("mixtral_kv_cache_blocks_used", "gauge", "blocks held by running sequences", [({}, pool.used)]),
+        ("mixtral_kv_cache_blocks_cached", "gauge", "blocks nobody holds that keep a prefix for later prompts",
+         [({}, len(pool.idle))]),
+        ("mixtral_kv_cache_usage_ratio", "gauge", "kv_cache_blocks_used / kv_cache_blocks",
+         [({}, pool.used / pool.n_blocks)]),
+        ("mixtral_kv_cache_evictions_total", "counter", "cached prefix blocks dropped to make room",
+         [({}, pool.evictions)]),
+        ("mixtral_kv_cache_bytes", "gauge", "memory of the KV cache (--kv-cache-memory), allocated at start",
+         [({}, engine.cache_bytes)]),
         *_offload_metrics(getattr(engine.model, "offload_engine", None)),
     ])
 

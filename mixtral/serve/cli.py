@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from mixtral.errors import InputError
@@ -16,17 +18,20 @@ from mixtral.io.loading import load_model_and_tokenizer
 
 SERVE_EPILOG = """\
 Loads the model once and serves it until Ctrl-C, batching all requests in flight together (continuous batching):
-each engine step admits waiting requests into free rows of the KV pool, prefills their prompts in chunks, and
-decodes one token for every running request in one forward. The KV pool (--max-batch rows of --max-seq-len
-tokens) is allocated at start; requests beyond it wait in a queue of --max-queue sequences, and beyond that get
-HTTP 429 with Retry-After. The model is called by the name given as --model unless --served-model-name says
-otherwise. Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
-GET /metrics (Prometheus). With --api-key (or $MIXTRAL_API_KEY, or --api-key-file) every request but GET /health
-needs `Authorization: Bearer KEY`; others get 401. See docs/serving.md.
+each engine step admits waiting requests, prefills their prompts in chunks, and decodes one token for every
+running request in one forward. The KV cache (--kv-cache-memory, allocated at start) is handed out in blocks of
+16 tokens as sequences grow, so it holds as many sequences as fit at their actual lengths (at most --max-batch);
+full blocks are shared by prompts that start with the same tokens (prefix caching: a system prompt, earlier turns
+of a chat, the n choices of one prompt are computed once). Requests beyond it wait in a queue of --max-queue
+sequences, and beyond that get HTTP 429 with Retry-After. The model is called by the name given as --model unless
+--served-model-name says otherwise. Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+GET /health, GET /metrics (Prometheus). With --api-key (or $MIXTRAL_API_KEY, or --api-key-file) every request
+but GET /health needs `Authorization: Bearer KEY`; others get 401. See docs/serving.md.
 
 examples:
   mixtral serve                                            # the bundled default model on 127.0.0.1:8000
-  mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --dtype bfloat16 --max-batch 16 --max-seq-len 8192
+  mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --dtype bfloat16 --kv-cache-memory 4GB --max-seq-len 8192
+  mixtral serve --batch-invariant                          # a request's output never depends on the others
   torchrun --nproc-per-node 2 -m mixtral serve --model ./Mixtral-8x7B-Instruct-v0.1 --parallel.ep 2
   MIXTRAL_API_KEY=sk-... mixtral serve --host 0.0.0.0                # reachable from other machines: use a key
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -58,13 +63,23 @@ def add_serve_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) ->
     http.add_argument("--api-key-file", metavar="FILE",
                       help="more keys, one a line (blank lines and lines starting with # are skipped)")
     engine = p.add_argument_group("engine")
+    engine.add_argument("--kv-cache-memory", metavar="SIZE",
+                        help="memory of the KV cache, e.g. 4GB or 512MiB: sequences are admitted while it holds "
+                             "them at their actual lengths (default: what --max-batch sequences of --max-seq-len "
+                             "tokens take, at most 4 GiB)")
     engine.add_argument("--max-batch", type=int, default=64, metavar="N",
-                        help="rows of the KV pool: sequences decoded together at most (default: 64)")
+                        help="sequences decoded together at most (default: 64)")
     engine.add_argument("--max-seq-len", type=int, default=None, metavar="N",
-                        help="tokens per row, prompt and completion together (default: the model's context, "
+                        help="tokens per sequence, prompt and completion together (default: the model's context, "
                              "capped at 4096)")
     engine.add_argument("--max-queue", type=int, default=256, metavar="N",
-                        help="sequences waiting for a row at most; beyond, requests get 429 (default: 256)")
+                        help="sequences waiting to run at most; beyond, requests get 429 (default: 256)")
+    engine.add_argument("--no-prefix-caching", action="store_true",
+                        help="compute every prompt in full, even when an earlier one started with the same tokens "
+                             "(the n choices of one prompt still share its prefill)")
+    engine.add_argument("--batch-invariant", action="store_true",
+                        help="make each sequence's logits independent of the others in its batch, bitwise, so a "
+                             "request gets the same output alone or under load (slower; see docs/serving.md)")
     engine.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                         help="prompt tokens per row prefilled in one step; longer prompts take several steps, so "
                              "running requests keep decoding meanwhile (default: 256)")
@@ -74,9 +89,11 @@ def add_serve_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) ->
     return p
 
 
-# Rows of this length are enough for most chats and keep the pool small: 64 rows of a 32k-token context would be
-# 17 GB for a 2-layer Mixtral-8x7B-shaped model.
+# Sequences of this length are enough for most chats; a longer context is one flag away.
 DEFAULT_MAX_SEQ_LEN = 4096
+# The KV cache when --kv-cache-memory is not given: enough for --max-batch sequences of --max-seq-len tokens, but
+# not more than this (64 sequences of 4096 tokens of Mixtral-8x7B in bf16 would be 32 GiB).
+DEFAULT_KV_CACHE_CAP = 4 * 2 ** 30
 
 
 API_KEY_ENV = "MIXTRAL_API_KEY"
@@ -102,6 +119,11 @@ def read_api_keys(given: list[str], path: str | None) -> list[str]:
     return list(dict.fromkeys(k.strip() for k in keys))
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM: stop the server as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free one). Raises OSError (address in use, no such host)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -120,8 +142,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from mixtral.config import parse_size
     from mixtral.serve.app import DEFAULT_MAX_BODY, create_app
-    from mixtral.serve.engine import Engine
+    from mixtral.serve.blocks import BlockPool
+    from mixtral.serve.engine import BLOCK_SIZE, Engine
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
@@ -132,30 +156,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     api_keys = read_api_keys(args.api_key, args.api_key_file)
+    kv_memory = None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory, "--kv-cache-memory")
     main = os.environ.get("RANK", "0") == "0"  # under torchrun (--parallel.ep) only rank 0 serves HTTP
     sock = bind(args.host, args.port) if main else None  # before loading: a port in use fails in a second
 
     def serve(model, tokenizer) -> int:
         max_seq_len = args.max_seq_len or min(model.config.context_len, DEFAULT_MAX_SEQ_LEN)
+        memory = kv_memory
+        if memory is None:
+            dtype = model.tok_embeddings.weight.dtype
+            full = args.max_batch * -(-max_seq_len // BLOCK_SIZE) * BlockPool.bytes_per_block(model.config,
+                                                                                              BLOCK_SIZE, dtype)
+            memory = min(full, DEFAULT_KV_CACHE_CAP)
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=max_seq_len,
-                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, kv_cache_memory=memory,
+                        prefix_caching=not args.no_prefix_caching, batch_invariant=args.batch_invariant)
         engine.warm_up()
         name = args.served_model_name or args.model
         app = create_app(engine, name, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY, api_keys=api_keys)
-        engine.start()
+        host, port = sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="info", access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        # The HTTP server gets a thread of its own and the engine keeps this one, the thread that loaded the model
+        # (why: Engine.run). Ctrl-C and SIGTERM interrupt the engine here, which cancels what runs, then the HTTP
+        # server drains and stops.
+        http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mixtral-http", daemon=True)
+        previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+            else None
         try:
-            host, port = sock.getsockname()[:2]
-            print(f"serving {name} on http://{host}:{port} ({engine.max_batch} rows x {engine.max_seq_len} tokens "
-                  f"of KV cache, {engine.cache_bytes / 2 ** 20:.0f} MiB; queue {engine.max_queue}; "
+            pool = engine.pool
+            print(f"serving {name} on http://{host}:{port} (KV cache {engine.cache_bytes / 2 ** 20:.0f} MiB: "
+                  f"{pool.n_blocks * pool.block_size} tokens, sequences of up to {engine.max_seq_len}, "
+                  f"{engine.max_batch} at once; prefix caching {'on' if engine.prefix_caching else 'off'}"
+                  f"{'; batch-invariant' if engine.batch_invariant else ''}; queue {engine.max_queue}; "
                   f"{torch.get_num_threads()} threads; "
                   f"{f'{len(api_keys)} API key(s) required' if api_keys else 'no API key required'})",
                   file=sys.stderr, flush=True)
-            config = uvicorn.Config(app, log_level="info", access_log=not args.no_access_log,
-                                    timeout_graceful_shutdown=5)
-            uvicorn.Server(config).run(sockets=[sock])
+            http.start()
+            try:
+                engine.run(keep_going=http.is_alive)
+            except KeyboardInterrupt:
+                return 0
+            print("mixtral serve: the HTTP server stopped on its own (see its log above)", file=sys.stderr)
+            return 1
         finally:
             engine.stop()
-        return 0
+            server.should_exit = True
+            if http.is_alive():
+                http.join(10)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     try:
         if args.parallel_ep != 1 or os.environ.get("WORLD_SIZE", "1") != "1":

@@ -118,8 +118,10 @@ class Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) until every sequence has finished; stops early if `request`'s client has gone."""
+    async def events(self, request: Request | None = None) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Lists of (choice index, event), as many as have arrived, until every sequence has finished; stops early
+        if `request`'s client has gone. Taking what is there at once lets a stream write several tokens in one
+        go when it falls behind, instead of waking up once per token."""
         left, checked = len(self.generations), time.monotonic()
         while left:
             if request is not None and time.monotonic() - checked >= DISCONNECT_POLL_S:
@@ -127,14 +129,19 @@ class Reply:
                     return
                 checked = time.monotonic()
             try:
-                index, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                # The first event: straight from the queue when one is there (no timer to set up per token).
+                batch = [self.queue.get_nowait() if not self.queue.empty()
+                         else await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)]
             except asyncio.TimeoutError:
                 continue
-            if event.token is not None:
-                self.completion_tokens += 1
-            if event.finish_reason is not None:
-                left -= 1
-            yield index, event
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            for _, event in batch:
+                if event.token is not None:
+                    self.completion_tokens += 1
+                if event.finish_reason is not None:
+                    left -= 1
+            yield batch
 
     def cancel(self) -> None:
         """Let go of the sequences still running (the client has gone, or the reply was cut short)."""
@@ -148,14 +155,15 @@ class Reply:
         tokens: list[list[Event]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         try:
-            async for i, event in self.events(request):
-                pieces[i].append(event.text)
-                if event.token is not None:
-                    tokens[i].append(event)
-                if event.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {event.error}", type="server_error")
-                if event.finish_reason is not None:
-                    finish[i] = finish_reason(event.finish_reason)
+            async for batch in self.events(request):
+                for i, event in batch:
+                    pieces[i].append(event.text)
+                    if event.token is not None:
+                        tokens[i].append(event)
+                    if event.finish_reason == "error":
+                        raise APIError(500, f"generation failed: {event.error}", type="server_error")
+                    if event.finish_reason is not None:
+                        finish[i] = finish_reason(event.finish_reason)
         finally:
             self.cancel()
         choices = []
@@ -171,19 +179,23 @@ class Reply:
         first = [True] * len(self.generations)
         offsets = [0] * len(self.generations)
         try:
-            async for i, event in self.events():
-                if event.finish_reason == "error":
-                    yield sse(error_body(f"generation failed: {event.error}", type="server_error"))
-                    continue
-                wants_logprobs = self.generations[i].params.logprobs is not None and event.token is not None
-                if not (event.text or wants_logprobs or event.finish_reason or first[i]):
-                    continue  # a token whose text is held back (a partial character, a possible stop string)
-                logprobs = self.fmt.logprobs([event], offsets[i]) if wants_logprobs else None
-                offsets[i] += len(event.text)
-                reason = None if event.finish_reason is None else finish_reason(event.finish_reason)
-                text = event.text if event.text or event.finish_reason is None else None
-                yield sse(self._wrap([self.fmt.delta(i, text, logprobs, reason, first[i])], chunk=True))
-                first[i] = False
+            async for batch in self.events():
+                out = []  # the events of every token that has arrived, written in one go
+                for i, event in batch:
+                    if event.finish_reason == "error":
+                        out.append(sse(error_body(f"generation failed: {event.error}", type="server_error")))
+                        continue
+                    wants_logprobs = self.generations[i].params.logprobs is not None and event.token is not None
+                    if not (event.text or wants_logprobs or event.finish_reason or first[i]):
+                        continue  # a token whose text is held back (a partial character, a possible stop string)
+                    logprobs = self.fmt.logprobs([event], offsets[i]) if wants_logprobs else None
+                    offsets[i] += len(event.text)
+                    reason = None if event.finish_reason is None else finish_reason(event.finish_reason)
+                    text = event.text if event.text or event.finish_reason is None else None
+                    out.append(sse(self._wrap([self.fmt.delta(i, text, logprobs, reason, first[i])], chunk=True)))
+                    first[i] = False
+                if out:
+                    yield "".join(out)
             if include_usage:
                 yield sse({**self._wrap([], chunk=True), "usage": self.usage()})
             yield sse("[DONE]")

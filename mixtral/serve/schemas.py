@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from mixtral.io.tokenizer import CHAT_ROLES
 
@@ -28,6 +28,42 @@ class Strict(BaseModel):
 class StreamOptions(Strict):
     include_usage: bool = False
 
+
+class ResponseFormatText(Strict):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(Strict):
+    # OpenAI's rule for the name; it is not used (the grammar depends on the schema only).
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    # "schema" would shadow BaseModel.schema; the JSON field is still "schema". Absent: any JSON value.
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON Schema (2020-12)")
+    strict: bool | None = Field(None, description="accepted; the schema is always followed exactly as written")
+
+
+class ResponseFormatJsonSchema(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+def _response_format_kind(value: Any) -> str | None:
+    # The tag names the class, which the app's error messages drop from a field's path ("response_format.type").
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "ResponseFormatText", "json_object": "ResponseFormatJsonObject",
+            "json_schema": "ResponseFormatJsonSchema"}.get(kind) if isinstance(kind, str) else None
+
+
+ResponseFormat = Annotated[
+    Annotated[ResponseFormatText, Tag("ResponseFormatText")]
+    | Annotated[ResponseFormatJsonObject, Tag("ResponseFormatJsonObject")]
+    | Annotated[ResponseFormatJsonSchema, Tag("ResponseFormatJsonSchema")],
+    Discriminator(_response_format_kind, custom_error_type="invalid_response_format",
+                  custom_error_message="expected an object with type 'text', 'json_object' or 'json_schema'")]
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
@@ -49,6 +85,9 @@ class SamplingRequest(Strict):
     ignore_eos: bool = Field(False, description="not in OpenAI's API (vLLM's extension): go on past the end-of-"
                                                 "sequence token up to max_tokens (for benchmarks)")
     user: str | None = Field(None, description="accepted and ignored")
+    response_format: ResponseFormat | None = Field(
+        None, description="constrain the output: text (free), json_object (a JSON object) or json_schema (an "
+                          "instance of json_schema.schema)")
 
 
 class CompletionRequest(SamplingRequest):
