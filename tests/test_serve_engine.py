@@ -6,6 +6,7 @@ sliding-window model's rolling cache), a sequence gets exactly the tokens it get
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -248,3 +249,41 @@ def test_batch_invariant_mode_16_concurrent_equal_one_at_a_time_bitwise(tokenize
     alone = [run(Engine(model, tokenizer, max_batch=16, max_seq_len=80, prefill_chunk=16, batch_invariant=True),
                  [(p, params)])[0] for p in prompts]
     assert [outputs(e) for e in together] == [outputs(e) for e in alone]
+
+
+@pytest.mark.slow
+def test_serve_batch_invariant_16_concurrent_requests_equal_one_at_a_time_bitwise(tmp_path):
+    # Through HTTP and `mixtral serve --batch-invariant` in bf16: the text and every log-probability (as the JSON
+    # floats they are sent as) of 16 concurrent greedy requests equal those of each sent alone.
+    import httpx
+
+    from mixtral.serve.metrics import parse
+    from test_serve import start_server, stop_servers, wait_for_url
+
+    log = tmp_path / "server.log"
+    process = start_server(["--model", "tiny", "--dtype", "bfloat16", "--batch-invariant", "--max-batch", "16",
+                            "--max-seq-len", "96", "--prefill-chunk", "16"], log)
+    try:
+        url = wait_for_url(process, log)
+        prompts = prompts_of([3, 17, 40, 9, 25, 1, 33, 12, 6, 28, 19, 2, 45, 11, 30, 8], seed=14)
+
+        async def complete(client, prompt):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+                    "logprobs": 2}
+            choice = (await client.post(f"{url}/v1/completions", json=body)).json()["choices"][0]
+            return choice["text"], choice["logprobs"]
+
+        async def alone_then_together():
+            async with httpx.AsyncClient(timeout=120) as client:
+                alone = [await complete(client, p) for p in prompts]
+                together = await asyncio.gather(*(complete(client, p) for p in prompts))
+            return alone, list(together)
+
+        alone, together = asyncio.run(alone_then_together())
+        assert together == alone
+        assert "batch-invariant" in log.read_text()
+        values = parse(httpx.get(f"{url}/metrics").text)
+        batched = values["mixtral_decode_batch_size_count"] - values['mixtral_decode_batch_size_bucket{le="8"}']
+        assert batched > 0, "no decode step ran more than 8 rows: the requests were not batched"
+    finally:
+        stop_servers(process)
