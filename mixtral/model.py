@@ -78,6 +78,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                   is_causal=mask is None, enable_gqa=gqa)
+    if gqa and mask is not None:
+        # The query heads that share a key/value head go in as that head's queries, [batch, kv_heads, group *
+        # queries, head_dim], each with its query's mask row: the same products as enable_gqa, which on the CPU
+        # in bf16 is ~9x slower for a decode step (16 rows x 1024 keys, 32 heads on 8: 56 against 6.4 ms a layer).
+        batch, heads, queries, head_dim = q.shape
+        kv_heads, keys = k.shape[1], k.shape[2]
+        group = heads // kv_heads
+        folded = q.reshape(batch, kv_heads, group * queries, head_dim)
+        mask = mask.expand(batch, 1, queries, keys)[:, :, None].expand(batch, 1, group, queries, keys)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.reshape(batch, 1, group * queries, keys))
+        return out.reshape(batch, heads, queries, head_dim)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
 
