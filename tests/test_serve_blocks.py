@@ -38,7 +38,7 @@ def test_blocks_are_taken_as_a_row_grows_and_given_back_when_it_leaves():
     pool = BlockPool(config, n_blocks=4, block_size=4)
     table = BlockTable()
     assert pool.needed(table, 5) == 2
-    pool.grow(table, 5, 5)
+    pool.grow(table, 5)
     table.length = 5
     assert len(table.blocks) == 2 and pool.used == 2 and pool.available == 2
     assert pool.needed(table, 3) == 0 and pool.needed(table, 4) == 1
@@ -55,7 +55,7 @@ def test_prefix_cache_matches_full_blocks_and_evicts_the_least_recently_used():
     pool = BlockPool(config, n_blocks=6, block_size=4)
     tokens = list(range(100, 111))  # 11 tokens: two full blocks and a partial one
     a = BlockTable()
-    pool.grow(a, 11, 11)
+    pool.grow(a, 11)
     a.length = 11
     pool.register(a, tokens)
     assert len(a.names) == 2  # the partial block has no name
@@ -73,7 +73,7 @@ def test_prefix_cache_matches_full_blocks_and_evicts_the_least_recently_used():
     pool = BlockPool(config, n_blocks=4, block_size=4)
     first, second = BlockTable(), BlockTable()
     for table, base in ((first, 0), (second, 50)):
-        pool.grow(table, 8, 8)
+        pool.grow(table, 8)
         table.length = 8
         pool.register(table, list(range(base, base + 8)))
     pool.release(first)
@@ -89,12 +89,12 @@ def test_a_shared_partly_filled_block_is_copied_on_the_first_write():
     config = mixtral.load("tiny").config
     pool = BlockPool(config, n_blocks=4, block_size=4)
     a = BlockTable()
-    pool.grow(a, 6, 6)
+    pool.grow(a, 6)
     a.length = 6
     pool.k[:, a.blocks[1] * 4: a.blocks[1] * 4 + 2] = 1.0
     b = pool.fork(a)
     assert b.blocks == a.blocks and pool.needed(b, 1) == 1
-    pool.grow(b, 1, 1)
+    pool.grow(b, 1)
     assert b.blocks[0] == a.blocks[0] and b.blocks[1] != a.blocks[1]
     assert torch.equal(pool.k[:, b.blocks[1] * 4: b.blocks[1] * 4 + 4], pool.k[:, a.blocks[1] * 4: a.blocks[1] * 4 + 4])
     assert pool.refs[a.blocks[1]] == 1 and pool.needed(a, 1) == 0  # the original is a's alone again
@@ -105,7 +105,7 @@ def test_a_sliding_window_gives_back_the_blocks_it_left_behind():
     pool = BlockPool(config, n_blocks=8, block_size=8)
     table = BlockTable()
     for _ in range(100):
-        pool.grow(table, 1, 1)
+        pool.grow(table, 1)
         table.length += 1
         live = [b for b in table.blocks if b != FREE]
         # Everything a query at the next position can still see is held; nothing much older is.

@@ -312,11 +312,11 @@ async def _side_by_side(request, reference, prompt_tokens: int, new_tokens: int,
     """One client's decode tokens/s through the server and mixtral.generate's in this process, alternated
     `repeats` times on prompts of the same length: the medians and their ratio."""
     served, generated = [], []
+    prompt = [1] + list(range(100, 100 + prompt_tokens - 1))
     for _ in range(repeats):
         sent, times, error = await request()
         if error is None:
             served.append((len(times) - 1) / (times[-1] - times[0]))
-        prompt = [1] + list(range(100, 100 + prompt_tokens - 1))
         generated.append(_generate_decode_rate(reference, prompt, new_tokens))
     server_rate, generate_rate = statistics.median(served), statistics.median(generated)
     return {"repeats": repeats, "server_tok_s": server_rate, "generate_tok_s": generate_rate,

@@ -196,16 +196,17 @@ class BlockPool:
         """Blocks `grow(table, n_new)` would take: new ones past the end, and a copy of a shared last block."""
         if n_new == 0:
             return 0
-        bs = self.block_size
-        new = self.blocks_for(table.length + n_new) - len(table.blocks)
-        shared = table.length % bs != 0 and self.refs[table.blocks[-1]] > 1
-        return new + int(shared)
+        return self.blocks_for(table.length + n_new) - len(table.blocks) + int(self._shared_tail(table))
 
-    def grow(self, table: BlockTable, n_new: int, chunk: int) -> None:
-        """Make room in `table` for `n_new` more tokens fed in a chunk of `chunk` (blocks taken, a shared
-        partly-filled block copied), and give back the blocks a sliding window has left behind for good."""
+    def _shared_tail(self, table: BlockTable) -> bool:
+        """Whether the next token of `table` goes into a partly filled block that another sequence holds too."""
+        return table.length % self.block_size != 0 and self.refs[table.blocks[-1]] > 1
+
+    def grow(self, table: BlockTable, n_new: int) -> None:
+        """Make room in `table` for `n_new` more tokens (blocks taken, a shared partly-filled block copied), and
+        give back the blocks a sliding window has left behind for good."""
         bs = self.block_size
-        if n_new and table.length % bs != 0 and self.refs[table.blocks[-1]] > 1:
+        if n_new and self._shared_tail(table):
             old, new = table.blocks[-1], self.take()
             self.k[:, new * bs: (new + 1) * bs] = self.k[:, old * bs: (old + 1) * bs]
             self.v[:, new * bs: (new + 1) * bs] = self.v[:, old * bs: (old + 1) * bs]
@@ -245,7 +246,7 @@ class BlockBatch:
         if longest > self.max_len:
             raise ContextLengthError(f"sequence of {longest} tokens exceeds the cache's limit of {self.max_len}")
         for table, n in zip(self.tables, counts):
-            pool.grow(table, n, chunk)
+            pool.grow(table, n)
         # Each row's keys start at its first live block, in position order; a row shorter than the longest is
         # padded with the scratch slot (masked).
         firsts = [t.first_live for t in self.tables]

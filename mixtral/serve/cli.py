@@ -91,9 +91,6 @@ def add_serve_parser(subparsers, parents: dict[str, argparse.ArgumentParser]) ->
 
 # Sequences of this length are enough for most chats; a longer context is one flag away.
 DEFAULT_MAX_SEQ_LEN = 4096
-# The KV cache when --kv-cache-memory is not given: enough for --max-batch sequences of --max-seq-len tokens, but
-# not more than this (64 sequences of 4096 tokens of Mixtral-8x7B in bf16 would be 32 GiB).
-DEFAULT_KV_CACHE_CAP = 4 * 2 ** 30
 
 
 API_KEY_ENV = "MIXTRAL_API_KEY"
@@ -144,8 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from mixtral.config import parse_size
     from mixtral.serve.app import DEFAULT_MAX_BODY, create_app
-    from mixtral.serve.blocks import BlockPool
-    from mixtral.serve.engine import BLOCK_SIZE, Engine
+    from mixtral.serve.engine import Engine
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
@@ -162,14 +158,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def serve(model, tokenizer) -> int:
         max_seq_len = args.max_seq_len or min(model.config.context_len, DEFAULT_MAX_SEQ_LEN)
-        memory = kv_memory
-        if memory is None:
-            dtype = model.tok_embeddings.weight.dtype
-            full = args.max_batch * -(-max_seq_len // BLOCK_SIZE) * BlockPool.bytes_per_block(model.config,
-                                                                                              BLOCK_SIZE, dtype)
-            memory = min(full, DEFAULT_KV_CACHE_CAP)
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=max_seq_len,
-                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, kv_cache_memory=memory,
+                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, kv_cache_memory=kv_memory,
                         prefix_caching=not args.no_prefix_caching, batch_invariant=args.batch_invariant)
         engine.warm_up()
         name = args.served_model_name or args.model

@@ -49,6 +49,9 @@ log = logging.getLogger("mixtral")
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 BLOCK_SIZE = 16  # tokens per KV block: small enough that little memory is left unused at a row's end
 IDLE_CHECK_S = 0.5  # how often an idle loop asks whether it should go on
+# The KV cache when no memory is given: enough for max_batch sequences of max_seq_len tokens, but not more than
+# this (64 sequences of 4096 tokens of Mixtral-8x7B in bf16 would be 32 GiB).
+DEFAULT_KV_CACHE_CAP = 4 * 2 ** 30
 
 # Buckets of the rows-per-decode-step histogram (up to the largest pool the benchmark runs) and of the time to the
 # first token, in seconds.
@@ -133,8 +136,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 64, max_seq_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 256, kv_cache_memory: int | None = None,
                  block_size: int = BLOCK_SIZE, prefix_caching: bool = True, batch_invariant: bool = False):
-        """Allocate the KV pool: `kv_cache_memory` bytes of blocks (default: what `max_batch` rows of
-        `max_seq_len` tokens take), for sequences of up to `max_seq_len` tokens (default: the model's context),
+        """Allocate the KV pool: `kv_cache_memory` bytes of blocks (default: what `max_batch` sequences of
+        `max_seq_len` tokens take, at most DEFAULT_KV_CACHE_CAP), for sequences of up to `max_seq_len` tokens (default: the model's context),
         at most `max_batch` of them at once. `batch_invariant`: every forward in `mixtral.batch_invariant`'s
         mode, so a sequence's logits do not depend on the others in its batch, bitwise.
 
@@ -157,7 +160,7 @@ class Engine:
         weight = model.tok_embeddings.weight
         block_bytes = BlockPool.bytes_per_block(config, block_size, weight.dtype)
         if kv_cache_memory is None:
-            kv_cache_memory = max_batch * -(-max_seq_len // block_size) * block_bytes
+            kv_cache_memory = min(max_batch * -(-max_seq_len // block_size) * block_bytes, DEFAULT_KV_CACHE_CAP)
         n_blocks = kv_cache_memory // block_bytes
         # The most blocks one sequence can hold at once: its whole length, or for a sliding-window model the
         # window, one chunk and the partly used blocks at both ends.
